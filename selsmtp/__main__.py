@@ -1,0 +1,3 @@
+from selsmtp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""The command line: options → Config, start-up errors → one line and exit 1, signals."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+from selsmtp import __version__
+from selsmtp.config import FORMATS, Config
+from selsmtp.server import Server
+from selsmtp.store import StartupError
+
+log = logging.getLogger("selsmtp")
+
+#: descriptors kept back from --max-connections for the listener, the mailbox,
+#: spool files and the like
+FD_RESERVE: Final = 32
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535, not {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selsmtp",
+        description="A fast, durable SMTP server that appends every message to a mailbox.",
+    )
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    add("--port", type=port_number, default=8765,
+        help="TCP port; 0 picks a free one (default: %(default)s)")
+    add("--mailbox", default="./mailbox", help="where messages go (default: %(default)s)")
+    add("--format", choices=FORMATS, default="cs4410",
+        help="mailbox format (default: %(default)s)")
+    add("--name", default=None, help="server name in replies (default: the short host name)")
+    add("--timeout", type=positive_float, default=300.0,
+        help="seconds a client may take to send each line (default: %(default)s)")
+    add("--max-message-size", type=positive_int, default=33_554_432, metavar="BYTES",
+        help="largest message accepted (default: %(default)s)")
+    add("--max-recipients", type=positive_int, default=1000, metavar="N",
+        help="recipients per message (default: %(default)s)")
+    add("--max-connections", type=positive_int, default=1000, metavar="N",
+        help="concurrent connections (default: %(default)s)")
+    add("--rotate", type=positive_int, default=None, metavar="N",
+        help="rotate the mailbox file after every N messages (default: never)")
+    add("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+        help="(default: %(default)s)")
+    # Hidden: for tests and benchmarks, not for users.
+    add("--lock-wait", type=positive_float, default=20.0, help=argparse.SUPPRESS)
+    add("--no-fsync", action="store_true", help=argparse.SUPPRESS)
+    add("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def fit_connections(wanted: int) -> int:
+    """Raise the descriptor limit toward ``wanted`` + reserve; cap ``wanted`` to fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        capped = max(1, soft - FD_RESERVE)
+        log.warning("descriptor limit is %d; serving at most %d connections", soft, capped)
+        return capped
+    return wanted
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.rotate is not None:
+        print("selsmtp: --rotate is not supported yet", file=sys.stderr)
+        return 1
+    if args.format != "cs4410":
+        print(f"selsmtp: --format {args.format} is not supported yet", file=sys.stderr)
+        return 1
+    config = Config(
+        host=args.host,
+        port=args.port,
+        mailbox=args.mailbox,
+        format=args.format,
+        name=args.name or socket.gethostname().split(".")[0] or "localhost",
+        timeout=args.timeout,
+        max_message_size=args.max_message_size,
+        max_recipients=args.max_recipients,
+        max_connections=fit_connections(args.max_connections),
+        log_level=args.log_level,
+        lock_wait=args.lock_wait,
+        fsync=not args.no_fsync,
+    )
+    if not config.fsync:
+        log.warning("--no-fsync: acknowledged messages can be lost in a crash (benchmarks only)")
+    try:
+        server = Server(config)
+    except StartupError as exc:
+        print(f"selsmtp: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"selsmtp: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    stop = lambda signum, frame: server.request_stop()  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # no KeyboardInterrupt can land mid-write
+    signal.set_wakeup_fd(server.wakeup_fd, warn_on_full_buffer=False)
+    print(f"selsmtp listening on {server.address}", flush=True)
+    log.info("selsmtp %s listening on %s, mailbox %s (%s, message %d follows)", __version__,
+             server.address, server.store.path, config.format, server.store.last_number + 1)
+    server.serve_forever()
+    log.info("stopped after %d deliveries", server.delivered)
+    return 0

@@ -1,0 +1,168 @@
+"""One client connection: a socket, its buffers, its session and its line deadline.
+
+The connection is the thin layer between a socket and a :class:`~selsmtp.session.Session`:
+``recv`` → ``session.receive`` → reply bytes appended to the output buffer → ``send``
+what the kernel takes. It never interprets the protocol. What it asks the selector to
+watch is computed from its state each time something changes (waitress's
+``writable()`` idea): READ unless the session is paused, the client has stopped
+reading its replies (output over the high-water mark) or the connection is closing;
+WRITE only while output is waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import selectors
+import socket
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Final
+
+from selsmtp.replies import Reply
+from selsmtp.session import Action, Deliver, Session
+
+if TYPE_CHECKING:
+    from selsmtp.server import Server
+
+log = logging.getLogger("selsmtp.connection")
+
+#: bytes asked of the kernel per recv
+RECV_SIZE: Final = 256 * 1024
+NEVER: Final = math.inf
+
+
+class Connection:
+    """One client. Created by the server on accept; lives until :meth:`close`."""
+
+    __slots__ = (
+        "_lines_seen",
+        "_server",
+        "callback",
+        "closing",
+        "deadline",
+        "eof",
+        "events",
+        "in_heap",
+        "messages",
+        "out",
+        "peer",
+        "session",
+        "sock",
+        "started",
+    )
+
+    def __init__(
+        self, server: Server, sock: socket.socket, peer: str, session: Session, now: float
+    ) -> None:
+        self._server = server
+        self.sock: socket.socket | None = sock
+        self.peer = peer
+        self.session = session
+        self.out = bytearray()
+        self.closing = False  # close once `out` is sent
+        self.eof = False  # the client closed its side
+        self.events = 0  # what the selector watches for us now
+        self.deadline = now + server.config.timeout
+        self.in_heap = False  # owned by the server's deadline heap
+        self.messages = 0
+        self.started = now
+        self._lines_seen = 0
+        self.callback = self.on_ready  # one bound method, reused for every register
+
+    @property
+    def closed(self) -> bool:
+        return self.sock is None
+
+    def start(self, now: float) -> None:
+        self.apply(self.session.start(), now)
+
+    def on_ready(self, mask: int, now: float) -> None:
+        """The selector says the socket is readable and/or writable."""
+        if mask & selectors.EVENT_WRITE:
+            self._send()
+        if mask & selectors.EVENT_READ and self.sock is not None:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.close(f"recv failed: {exc.strerror or exc}")
+                return
+            if not data:
+                self.eof = True
+            self.apply(self.session.receive(data), now)
+
+    def apply(self, actions: Iterable[Action], now: float) -> None:
+        """Carry out the session's actions, then send and re-arm as needed."""
+        if self.sock is None:
+            return
+        out = self.out
+        for action in actions:
+            if type(action) is Reply:
+                out += action.wire
+            elif type(action) is Deliver:
+                self._server.enqueue(self, action, now)
+            else:
+                self.closing = True
+        session = self.session
+        if session.paused:
+            self.deadline = NEVER  # the store, not the client, is what we wait for
+        elif session.lines_completed != self._lines_seen or self.deadline == NEVER:
+            self._lines_seen = session.lines_completed
+            self.deadline = now + self._server.config.timeout
+            self._server.watch_deadline(self)
+        if out:
+            self._send()
+        else:
+            self._update()
+
+    def timed_out(self, now: float) -> None:
+        """The line deadline passed: 421, one try to send it, and close."""
+        self.apply(self.session.timed_out(), now)
+        if self.sock is not None:
+            self.close("timeout")
+
+    def _send(self) -> None:
+        assert self.sock is not None
+        if self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.close(f"send failed: {exc.strerror or exc}")
+                return
+            del self.out[:sent]
+        self._update()
+
+    def _update(self) -> None:
+        """Close if done, else make the selector watch what our state calls for."""
+        if self.sock is None:
+            return
+        if not self.out and (self.closing or (self.eof and not self.session.paused)):
+            self.close("quit" if self.closing else "client closed")
+            return
+        events = 0
+        if not (
+            self.closing
+            or self.eof
+            or self.session.paused
+            or len(self.out) >= self._server.config.output_high_water
+        ):
+            events |= selectors.EVENT_READ
+        if self.out:
+            events |= selectors.EVENT_WRITE
+        if events != self.events:
+            self._server.rearm(self, events)
+            self.events = events
+
+    def close(self, reason: str) -> None:
+        """Close the socket now (unsent replies are dropped). Safe to call twice."""
+        if self.sock is None:
+            return
+        sock, self.sock = self.sock, None
+        self._server.forget(self, sock)
+        sock.close()
+        self.out.clear()
+        log.info("connection %s closed (%s) after %d message%s", self.peer, reason,
+                 self.messages, "" if self.messages == 1 else "s")

@@ -1,0 +1,188 @@
+"""Framing: where a command line ends, and where a message ends.
+
+Theory of operation
+-------------------
+The session keeps one input buffer (a ``bytearray``). In command mode a
+:class:`LineReader` cuts lines out of it; after ``354`` a :class:`DataReader` takes
+every byte until the end-of-data line and hands back what follows it, which is
+pipelined command input again.
+
+Both readers are resumable: they remember how far they have searched, keep at most a
+few bytes of lookahead, and never loop over bytes in Python (``find`` and ``replace``
+do the work in C), so any split of the input, down to one byte per read, gives the
+same lines and the same message.
+
+Command lines (RFC 5321 §2.3.8, §4.5.3.1.4) end in CRLF; a bare LF is accepted too, for
+people typing into telnet or netcat. A line may be 512 bytes long, its line ending
+included. Once a line is known to be longer, its bytes are dropped as they arrive
+(memory stays bounded) and the line is reported as too long when its end comes.
+
+Message data (RFC 5321 §4.1.1.4) ends only at ``CRLF . CRLF``. A bare LF or bare CR
+never ends a line here, so ``\\n.\\n``, ``\\r.\\r``, ``\\n.\\r\\n`` and ``\\r\\n.\\n`` are
+all message content: accepting any of them is the SMTP smuggling flaw
+(CVE-2023-51764 and its kin). A leading dot on a data line is transparency
+(RFC 5321 §4.5.2) and is removed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import BinaryIO, Final
+
+CRLF: Final = b"\r\n"
+END_OF_DATA: Final = b"\r\n.\r\n"
+
+
+class LineStatus(enum.Enum):
+    TOO_LONG = enum.auto()  #: a line longer than the limit ended; its bytes were dropped
+
+
+class LineReader:
+    """Cuts command lines out of a buffer, enforcing a length limit while buffering."""
+
+    __slots__ = ("_discarding", "_scanned", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._scanned = 0  # bytes at the front of the buffer known to hold no LF
+        self._discarding = False  # inside a line already known to be too long
+
+    def maybe_next_line(self, buf: bytearray) -> bytes | LineStatus | None:
+        """Remove and return the next complete line of ``buf`` (line ending included).
+
+        Returns ``None`` when ``buf`` holds no complete line yet (the partial line stays
+        in ``buf``, unless it is already too long, in which case it is dropped), or
+        :attr:`LineStatus.TOO_LONG` when a line over the limit has just ended.
+        """
+        end = buf.find(b"\n", self._scanned)
+        if end < 0:
+            if self._discarding or len(buf) >= self.limit:
+                # Why: with no LF in `limit` bytes the line cannot fit any more.
+                self._discarding = True
+                buf.clear()
+                self._scanned = 0
+            else:
+                self._scanned = len(buf)
+            return None
+        line = bytes(buf[: end + 1])
+        del buf[: end + 1]
+        self._scanned = 0
+        if self._discarding or len(line) > self.limit:
+            self._discarding = False
+            return LineStatus.TOO_LONG
+        return line
+
+
+Body = bytes | BinaryIO
+"""A finished message: bytes when small, else a spooled file positioned at 0."""
+
+
+class DataReader:
+    """Collects one message's data up to ``CRLF . CRLF``, unstuffing dots.
+
+    The stream is read as if a CRLF came before its first byte (the one that ended
+    the DATA command), so a first line of ``.`` ends an empty message and a leading
+    dot on the first line is unstuffed like any other.
+
+    At most ``max_size`` bytes (after unstuffing, CRLFs included) are kept; past that
+    the reader goes on looking for the end but drops the data (:attr:`too_big`).
+    Past ``spool_threshold`` bytes the data moves to a file from ``new_spool``.
+    """
+
+    __slots__ = (
+        "_carry",
+        "_chunks",
+        "_max_size",
+        "_new_spool",
+        "_prefix",
+        "_spool",
+        "_spool_threshold",
+        "size",
+        "too_big",
+    )
+
+    def __init__(
+        self,
+        max_size: int,
+        *,
+        spool_threshold: int = 1 << 20,
+        new_spool: Callable[[], BinaryIO] | None = None,
+    ) -> None:
+        self._max_size = max_size
+        self._spool_threshold = spool_threshold
+        self._new_spool = new_spool
+        self._carry = CRLF  # bytes seen but not yet judged; starts with the virtual CRLF
+        self._prefix = True  # the virtual CRLF is still at the front of the output
+        self._chunks: list[bytes] = []
+        self._spool: BinaryIO | None = None
+        self.size = 0
+        self.too_big = False
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Consume ``data``. Returns ``None`` while the message goes on, or, once the
+        end-of-data line has been read, the bytes that followed it (maybe ``b""``)."""
+        search = self._carry + data if self._carry else data
+        end = search.find(END_OF_DATA)
+        if end >= 0:
+            self._emit(search[: end + 2])  # the last line keeps its CRLF
+            self._carry = b""
+            return search[end + 5 :]
+        # Keep the last four bytes (a possible partial terminator), and never cut
+        # inside a "CRLF ." so that unstuffing sees every line start whole.
+        cut = len(search) - 4
+        if cut > 0:
+            if search[cut - 1] == 0x0D:
+                cut -= 1
+            elif cut >= 2 and search[cut - 2] == 0x0D and search[cut - 1] == 0x0A:
+                cut -= 2
+        if cut <= 0:
+            self._carry = search
+            return None
+        self._emit(search[:cut])
+        self._carry = search[cut:]
+        return None
+
+    def _emit(self, piece: bytes) -> None:
+        # RFC 5321 §4.5.2: a line that starts with a dot has that dot removed.
+        piece = piece.replace(b"\r\n.", CRLF)
+        if self._prefix:
+            piece = piece[2:]
+            self._prefix = False
+        if not piece:
+            return
+        self.size += len(piece)
+        if self.too_big:
+            return
+        if self.size > self._max_size:
+            self.too_big = True
+            self._chunks = []
+            if self._spool is not None:
+                self._spool.close()
+                self._spool = None
+            return
+        if self._spool is not None:
+            self._spool.write(piece)
+        elif self._new_spool is not None and self.size > self._spool_threshold:
+            self._spool = self._new_spool()
+            for chunk in self._chunks:
+                self._spool.write(chunk)
+            self._spool.write(piece)
+            self._chunks = []
+        else:
+            self._chunks.append(piece)
+
+    def body(self) -> Body:
+        """The finished message (call once, after :meth:`feed` returned non-``None``)."""
+        if self._spool is not None:
+            self._spool.flush()
+            self._spool.seek(0)
+            return self._spool
+        return b"".join(self._chunks)
+
+    def discard(self) -> None:
+        """Drop what was collected (the client went away mid-message)."""
+        self._chunks = []
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None

@@ -1,0 +1,117 @@
+"""SMTP replies as values: each one carries its wire code and is defined once.
+
+Handlers return these constants; nothing formats a reply inline. A reply renders
+itself to wire bytes once, when it is made, so sending it is a buffer append.
+Replies that name the server (the greeting, the 421s) are built per server name by
+:func:`named_replies`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Final
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply: a three-digit code and one or more lines of text.
+
+    ``wire`` is the reply as sent: every line but the last as ``CODE-text``, the last
+    as ``CODE text``, each ending in CRLF (RFC 5321 §4.2.1).
+    """
+
+    code: int
+    lines: tuple[str, ...]
+    wire: bytes = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599 or not self.lines:
+            raise ValueError(f"bad reply {self.code} {self.lines!r}")
+        last = len(self.lines) - 1
+        wire = "".join(
+            f"{self.code}{' ' if i == last else '-'}{line}\r\n" for i, line in enumerate(self.lines)
+        )
+        object.__setattr__(self, "wire", wire.encode("utf-8"))
+
+    @property
+    def is_error(self) -> bool:
+        """True for a transient (4xx) or permanent (5xx) negative reply."""
+        return self.code >= 400
+
+    @classmethod
+    def of(cls, code: int, *lines: str) -> Reply:
+        return cls(code, lines)
+
+
+# -- fixed replies (SPEC §3) -------------------------------------------------
+
+OK: Final = Reply.of(250, "2.0.0 Ok")
+MAIL_OK: Final = Reply.of(250, "2.1.0 Ok")
+RCPT_OK: Final = Reply.of(250, "2.1.5 Ok")
+START_DATA: Final = Reply.of(354, "End data with <CR><LF>.<CR><LF>")
+CANNOT_VRFY: Final = Reply.of(252, "2.0.0 Cannot VRFY user, but will accept message")
+BYE: Final = Reply.of(221, "2.0.0 Bye")
+
+BAD_SYNTAX: Final = Reply.of(500, "5.5.2 Error: bad syntax")
+LINE_TOO_LONG: Final = Reply.of(500, "5.5.2 Error: line too long")
+UNKNOWN_COMMAND: Final = Reply.of(502, "5.5.2 Error: command not recognized")
+HELO_SYNTAX: Final = Reply.of(501, "Syntax: HELO hostname")
+NEED_HELO: Final = Reply.of(503, "5.5.1 Error: need HELO command")
+NEED_MAIL: Final = Reply.of(503, "5.5.1 Error: need MAIL command")
+NEED_RCPT: Final = Reply.of(503, "5.5.1 Error: need RCPT command")
+NESTED_MAIL: Final = Reply.of(503, "5.5.1 Error: nested MAIL command")
+DUPLICATE_HELO: Final = Reply.of(503, "5.5.1 Error: duplicate HELO")
+BAD_SENDER: Final = Reply.of(501, "5.1.7 Bad sender address syntax")
+BAD_RECIPIENT: Final = Reply.of(501, "5.1.3 Bad recipient address syntax")
+DATA_SYNTAX: Final = Reply.of(501, "5.5.4 Syntax: DATA")
+RSET_SYNTAX: Final = Reply.of(501, "5.5.4 Syntax: RSET")
+VRFY_SYNTAX: Final = Reply.of(501, "5.5.4 Syntax: VRFY address")
+BAD_SIZE: Final = Reply.of(501, "5.5.4 Bad message size syntax")
+TOO_BIG: Final = Reply.of(552, "5.3.4 Error: message file too big")
+TOO_MANY_RECIPIENTS: Final = Reply.of(452, "4.5.3 Error: too many recipients")
+WRITE_ERROR: Final = Reply.of(451, "4.3.0 Error: queue file write error")
+MAILBOX_BUSY: Final = Reply.of(451, "4.3.0 Error: mailbox busy, try again later")
+
+
+def unsupported_option(param: str) -> Reply:
+    """555 for a MAIL or RCPT parameter we do not support, naming it as sent."""
+    return Reply.of(555, f"5.5.4 Unsupported option: {param}")
+
+
+def delivered(number: int) -> Reply:
+    """The reply sent once message ``number`` is written and fsync'd."""
+    return Reply.of(250, f"2.0.0 Ok: delivered message {number}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NamedReplies:
+    """The replies that carry the server's name, built once per name."""
+
+    greeting: Reply
+    helo: Reply
+    ehlo: Reply
+    too_many_connections: Reply
+    too_many_errors: Reply
+    timeout: Reply
+    shutting_down: Reply
+
+
+@functools.lru_cache(maxsize=16)
+def named_replies(name: str, max_message_size: int) -> NamedReplies:
+    """Build the name-bearing replies for a server called ``name``.
+
+    EHLO advertises the extensions of SPEC §4.1; SIZE carries the configured limit
+    (RFC 1870).
+    """
+    return NamedReplies(
+        greeting=Reply.of(220, f"{name} SMTP CS4410MP3"),
+        helo=Reply.of(250, name),
+        ehlo=Reply.of(
+            250, name, "PIPELINING", f"SIZE {max_message_size}", "8BITMIME", "SMTPUTF8"
+        ),
+        too_many_connections=Reply.of(421, f"4.7.0 {name} Error: too many connections"),
+        too_many_errors=Reply.of(421, f"4.7.0 {name} Error: too many errors"),
+        timeout=Reply.of(421, f"4.4.2 {name} Error: timeout exceeded"),
+        shutting_down=Reply.of(421, f"4.3.2 {name} Service shutting down"),
+    )

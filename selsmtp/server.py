@@ -1,0 +1,402 @@
+"""The reactor: one thread, one ``selectors`` loop, every client at once.
+
+Theory of operation
+-------------------
+Each turn of :meth:`Server.run_once`:
+
+1. waits in ``select`` until a socket is ready or the nearest deadline, reading the
+   clock once afterwards; that ``now`` is passed down and never read again this turn;
+2. calls the callback stored with each ready key: the listener accepts, the wake-up
+   socket notes a stop request, a :class:`~selsmtp.connection.Connection` reads,
+   feeds its session and sends its replies;
+3. stores every message that was finished in this turn as one batch: one lock, one
+   write, one fsync (group commit), then hands each session its number so its 250
+   and anything pipelined behind it go out. If a reader holds the mailbox lock, the
+   batch waits (its clients wait for their 250) and the lock is tried again on a later
+   turn, while everyone else is served;
+4. closes the connections whose line deadline passed.
+
+Because deliveries happen here, in the loop, one at a time, nothing in the process
+ever writes the mailbox concurrently: no lock is needed inside the process. The
+``fcntl`` lock is for other processes.
+
+Deadlines sit in a heap with at most one entry per connection. A connection moves its
+own deadline later by changing an attribute; when an entry comes due early it is
+pushed again with the current value, so a busy connection costs no heap work.
+
+Signals are not handled in the loop: the handler only sets a flag, and
+``signal.set_wakeup_fd`` on a socketpair makes ``select`` return at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import heapq
+import itertools
+import logging
+import selectors
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Final
+
+from selsmtp import replies
+from selsmtp.config import Config
+from selsmtp.connection import NEVER, Connection
+from selsmtp.session import Deliver, Session
+from selsmtp.store import FileStore, StoreError
+
+log = logging.getLogger("selsmtp.server")
+
+#: connections accepted per readiness event of the listener
+ACCEPT_BATCH: Final = 64
+#: the listener's backlog
+BACKLOG: Final = 1024
+#: lock retry back-off while a reader holds the mailbox, in seconds
+LOCK_RETRY_MIN: Final = 0.001
+LOCK_RETRY_MAX: Final = 0.02
+#: after running out of descriptors, listen again after this long at the latest
+ACCEPT_PAUSE: Final = 1.0
+#: seconds after shutdown begins that connections still open are dropped
+SHUTDOWN_GRACE: Final = 2.0
+
+Callback = Callable[[int, float], None]
+
+
+class _Waiting:
+    """A finished message waiting to be stored."""
+
+    __slots__ = ("conn", "deliver", "since")
+
+    def __init__(self, conn: Connection, deliver: Deliver, since: float) -> None:
+        self.conn = conn
+        self.deliver = deliver
+        self.since = since
+
+
+def format_address(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def open_listener(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket on ``host``:``port`` (IPv4 or IPv6)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Server:
+    """The SMTP server: a listener, its connections and the mailbox store.
+
+    ``Server(config)`` binds the socket and opens the mailbox (raising ``OSError`` or
+    :class:`~selsmtp.store.StartupError`); :meth:`serve_forever` runs the loop until
+    :meth:`request_stop` (thread-safe) or a signal ends it.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        store: FileStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._named = replies.named_replies(config.name, config.max_message_size)
+        self._selector = selectors.DefaultSelector()
+        self._listener: socket.socket | None = open_listener(config.host, config.port)
+        self.address = format_address(self._listener.getsockname())
+        try:
+            if store is None:
+                from selsmtp.store import cs4410_renderer
+
+                store = FileStore(
+                    config.mailbox, cs4410_renderer(config.name), fsync=config.fsync
+                )
+        except BaseException:
+            self._listener.close()
+            raise
+        self.store = store
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ, self._on_listener)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self.connections: set[Connection] = set()
+        self._deadlines: list[tuple[float, int, Connection]] = []
+        self._sequence = itertools.count()
+        self._waiting: list[_Waiting] = []
+        self._lock_retry_at = 0.0
+        self._lock_retry_delay = LOCK_RETRY_MIN
+        self._accept_paused_until: float | None = None
+        self._stop_requested = False
+        self._stopping_since: float | None = None
+        self.stopped = False
+        self.delivered = 0
+
+    # -- the loop ----------------------------------------------------------------
+
+    @property
+    def wakeup_fd(self) -> int:
+        """The descriptor to pass to ``signal.set_wakeup_fd``."""
+        return self._wake_w.fileno()
+
+    def serve_forever(self) -> None:
+        """Run until stopped, then release every resource."""
+        try:
+            while not self.stopped:
+                self.run_once()
+        finally:
+            self.close()
+
+    def run_once(self) -> None:
+        """One turn of the loop (see the module docstring)."""
+        timeout = self._next_timeout(self._clock())
+        ready = self._selector.select(timeout)
+        now = self._clock()
+        for key, mask in ready:
+            callback: Callback = key.data
+            try:
+                callback(mask, now)
+            except Exception:
+                self._crashed(callback, now)
+        self._flush_deliveries(now)
+        self._expire_deadlines(now)
+        self._maintain(now)
+
+    def _crashed(self, callback: Callback, now: float) -> None:
+        conn = getattr(callback, "__self__", None)
+        if isinstance(conn, Connection):
+            log.exception("bug while serving %s; closing that connection", conn.peer)
+            conn.close("internal error")
+        else:
+            log.exception("bug in the server loop")
+
+    def _next_timeout(self, now: float) -> float | None:
+        if self._stop_requested and self._stopping_since is None:
+            return 0
+        due = self._deadlines[0][0] if self._deadlines else NEVER
+        if self._waiting:
+            due = min(due, self._lock_retry_at)
+        if self._accept_paused_until is not None:
+            due = min(due, self._accept_paused_until)
+        if self._stopping_since is not None:
+            lock_limit = self._stopping_since + self.config.shutdown_lock_wait
+            due = min(due, lock_limit if self._waiting else lock_limit + SHUTDOWN_GRACE)
+        if due == NEVER:
+            return None
+        return max(0.0, due - now)
+
+    # -- stopping ----------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the loop to shut down gracefully. Safe from signal handlers and threads."""
+        self._stop_requested = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _on_wake(self, mask: int, now: float) -> None:
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(4096):
+                pass
+
+    def _begin_shutdown(self, now: float) -> None:
+        log.info("shutting down: %d connections, %d messages waiting to be stored",
+                 len(self.connections), len(self._waiting))
+        self._stopping_since = now
+        self._close_listener()
+        for conn in list(self.connections):
+            conn.apply(conn.session.shut_down(), now)
+
+    def _maintain(self, now: float) -> None:
+        if self._stop_requested and self._stopping_since is None:
+            self._begin_shutdown(now)
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._resume_accepting()
+        if self._stopping_since is None:
+            return
+        elapsed = now - self._stopping_since
+        if self._waiting and elapsed >= self.config.shutdown_lock_wait:
+            log.warning("mailbox still locked after %.0f s of shutdown; %d messages refused",
+                        elapsed, len(self._waiting))
+            self._refuse_waiting(self._waiting, replies.MAILBOX_BUSY, now)
+            self._waiting = []
+        if elapsed >= self.config.shutdown_lock_wait + SHUTDOWN_GRACE:
+            for conn in list(self.connections):
+                conn.close("shutdown")
+        if not self.connections and not self._waiting:
+            self.stopped = True
+
+    def close(self) -> None:
+        """Release the sockets, the selector and the mailbox."""
+        for conn in list(self.connections):
+            conn.close("server closed")
+        self._close_listener()
+        for sock in (self._wake_r, self._wake_w):
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(sock)
+            sock.close()
+        self._selector.close()
+        self.store.close()
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+
+    # -- accepting ---------------------------------------------------------------
+
+    def _on_listener(self, mask: int, now: float) -> None:
+        assert self._listener is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting(now, exc)
+                elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    log.warning("accept failed: %s", exc)
+                return
+            peer = format_address(address)
+            if len(self.connections) >= self.config.max_connections:
+                log.warning("refused %s: %d connections already", peer, len(self.connections))
+                with contextlib.suppress(OSError):
+                    sock.setblocking(False)
+                    sock.send(self._named.too_many_connections.wire)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session = Session(self.config, new_spool=tempfile.TemporaryFile)
+            conn = Connection(self, sock, peer, session, now)
+            self.connections.add(conn)
+            log.debug("connection from %s", peer)
+            conn.start(now)
+            self.watch_deadline(conn)
+
+    def _pause_accepting(self, now: float, exc: OSError) -> None:
+        # Why: the listener stays readable while the backlog is full, so a
+        # level-triggered selector would wake us forever. Stop watching it until a
+        # connection closes (or a second passes) and serve the clients we have.
+        if self._accept_paused_until is None and self._listener is not None:
+            log.warning("accept failed (%s); not accepting until a connection closes",
+                        exc.strerror)
+            self._selector.unregister(self._listener)
+        self._accept_paused_until = now + ACCEPT_PAUSE
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused_until = None
+        if self._listener is not None:
+            self._selector.register(self._listener, selectors.EVENT_READ, self._on_listener)
+
+    # -- services for connections ------------------------------------------------
+
+    def rearm(self, conn: Connection, events: int) -> None:
+        """Make the selector watch ``events`` (0: nothing) on ``conn``'s socket."""
+        assert conn.sock is not None
+        if conn.events == 0:
+            self._selector.register(conn.sock, events, conn.callback)
+        elif events == 0:
+            self._selector.unregister(conn.sock)
+        else:
+            self._selector.modify(conn.sock, events, conn.callback)
+
+    def forget(self, conn: Connection, sock: socket.socket) -> None:
+        """``conn`` is closing: stop watching its socket."""
+        if conn.events:
+            self._selector.unregister(sock)
+            conn.events = 0
+        self.connections.discard(conn)
+        if self._accept_paused_until is not None:
+            self._resume_accepting()
+
+    def enqueue(self, conn: Connection, deliver: Deliver, now: float) -> None:
+        """A message is finished: store it at the end of this turn."""
+        self._waiting.append(_Waiting(conn, deliver, now))
+
+    def watch_deadline(self, conn: Connection) -> None:
+        if not conn.in_heap and conn.deadline != NEVER:
+            heapq.heappush(self._deadlines, (conn.deadline, next(self._sequence), conn))
+            conn.in_heap = True
+
+    def _expire_deadlines(self, now: float) -> None:
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, conn = heapq.heappop(heap)
+            conn.in_heap = False
+            if conn.closed:
+                continue
+            if conn.deadline <= now:
+                log.info("%s: no complete line in %.0f s", conn.peer, self.config.timeout)
+                conn.timed_out(now)
+            else:
+                self.watch_deadline(conn)  # moved later since it was pushed
+
+    # -- storing -----------------------------------------------------------------
+
+    def _flush_deliveries(self, now: float) -> None:
+        if not self._waiting or now < self._lock_retry_at:
+            return
+        batch, self._waiting = self._waiting, []
+        try:
+            numbers = self.store.try_append([waiting.deliver for waiting in batch])
+        except StoreError as exc:
+            log.error("%s; %d messages refused with 451", exc, len(batch))
+            self._refuse_waiting(batch, replies.WRITE_ERROR, now)
+            return
+        if numbers is None:
+            self._lock_busy(batch, now)
+            return
+        self._lock_retry_delay = LOCK_RETRY_MIN
+        self._lock_retry_at = 0.0
+        for waiting, number in zip(batch, numbers):
+            self._release(waiting)
+            envelope = waiting.deliver.envelope
+            conn = waiting.conn
+            conn.messages += 1
+            self.delivered += 1
+            log.info("delivered message %d from <%s> to %d recipient%s for %s",
+                     number, envelope.reverse_path, len(envelope.forward_paths),
+                     "" if len(envelope.forward_paths) == 1 else "s", conn.peer)
+            conn.apply(conn.session.delivered(number), now)
+
+    def _lock_busy(self, batch: list[_Waiting], now: float) -> None:
+        """The mailbox is locked by another process: wait, but not forever."""
+        expired = [w for w in batch if now - w.since >= self.config.lock_wait]
+        if expired:
+            log.warning("mailbox locked for %.0f s; %d messages refused with 451",
+                        self.config.lock_wait, len(expired))
+            self._refuse_waiting(expired, replies.MAILBOX_BUSY, now)
+            batch = [w for w in batch if now - w.since < self.config.lock_wait]
+        self._waiting = batch + self._waiting
+        self._lock_retry_at = now + self._lock_retry_delay
+        self._lock_retry_delay = min(self._lock_retry_delay * 2, LOCK_RETRY_MAX)
+
+    def _refuse_waiting(self, batch: list[_Waiting], reply: replies.Reply, now: float) -> None:
+        for waiting in batch:
+            self._release(waiting)
+            waiting.conn.apply(waiting.conn.session.delivery_failed(reply), now)
+
+    @staticmethod
+    def _release(waiting: _Waiting) -> None:
+        body = waiting.deliver.body
+        if not isinstance(body, bytes):
+            body.close()
+

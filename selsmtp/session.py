@@ -1,0 +1,339 @@
+"""The SMTP conversation as a pure object: bytes in, actions out.
+
+Theory of operation
+-------------------
+A :class:`Session` is one client's side of RFC 5321 as seen by a server. It knows no
+sockets, files or clocks. The connection feeds it whatever bytes arrived
+(:meth:`Session.receive`) and gets back a list of actions to carry out, in order:
+
+* :class:`~selsmtp.replies.Reply`: send these bytes to the client;
+* :class:`Deliver`: store this message, then call :meth:`Session.delivered` with its
+  number (or :meth:`Session.delivery_failed` with a 4xx reply);
+* :class:`Close`: close the connection once the replies before it are sent.
+
+After a ``Deliver`` the session is *paused* (state ``DELIVERING``): it keeps whatever
+input arrives but does not read it until the store has answered, because the reply
+to the message must come before the replies to any commands pipelined behind it
+(RFC 2920). ``delivered()`` returns the 250 followed by those replies.
+
+Which command may come when is one table, :data:`OUT_OF_ORDER`; the commands
+themselves dispatch through :data:`HANDLERS`. A malformed command raises
+``SyntaxReply`` inside its handler and is answered at the dispatch boundary, so
+nothing a client sends can raise out of this module: an exception here is a bug.
+
+The session counts completed lines (:attr:`Session.lines_completed`) so that the
+connection, which owns the clock, can enforce the per-line timeout of SPEC §4.6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable
+from typing import BinaryIO, Final
+
+from selsmtp import replies
+from selsmtp.config import MAX_COMMAND_LINE, Config
+from selsmtp.framing import Body, DataReader, LineReader, LineStatus
+from selsmtp.replies import Reply
+from selsmtp.syntax import (
+    SyntaxReply,
+    Verb,
+    decode_line,
+    parse_helo,
+    parse_mail,
+    parse_rcpt,
+    split_command,
+)
+
+
+class State(enum.Enum):
+    FRESH = enum.auto()  #: greeting sent, waiting for HELO/EHLO
+    READY = enum.auto()  #: greeted, no transaction open
+    MAIL = enum.auto()  #: MAIL accepted, waiting for RCPT
+    RCPT = enum.auto()  #: at least one RCPT accepted
+    DATA = enum.auto()  #: reading message data
+    DELIVERING = enum.auto()  #: message handed to the store; input paused
+    CLOSED = enum.auto()  #: QUIT, 421 or timeout; nothing more is read
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Envelope:
+    """Who a message is from and to (RFC 5321 §2.3.1), and the client's HELO name."""
+
+    helo_name: str
+    reverse_path: str  #: "" for the null sender <>
+    forward_paths: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Deliver:
+    """Store ``body`` for ``envelope``; answer with ``delivered()`` or ``delivery_failed()``."""
+
+    envelope: Envelope
+    body: Body
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection after sending the replies that came before this action."""
+
+
+Action = Reply | Deliver | Close
+CLOSE: Final = Close()
+
+#: RFC 5321 §4.1.4 order rules: a (state, verb) pair listed here is refused with its
+#: reply and changes nothing. Pairs not listed go to the verb's handler.
+OUT_OF_ORDER: Final[dict[tuple[State, Verb], Reply]] = {
+    (State.FRESH, Verb.MAIL): replies.NEED_HELO,
+    (State.FRESH, Verb.RCPT): replies.NEED_HELO,
+    (State.FRESH, Verb.DATA): replies.NEED_HELO,
+    (State.READY, Verb.HELO): replies.DUPLICATE_HELO,
+    (State.READY, Verb.EHLO): replies.DUPLICATE_HELO,
+    (State.READY, Verb.RCPT): replies.NEED_MAIL,
+    (State.READY, Verb.DATA): replies.NEED_MAIL,
+    (State.MAIL, Verb.HELO): replies.DUPLICATE_HELO,
+    (State.MAIL, Verb.EHLO): replies.DUPLICATE_HELO,
+    (State.MAIL, Verb.MAIL): replies.NESTED_MAIL,
+    (State.MAIL, Verb.DATA): replies.NEED_RCPT,
+    (State.RCPT, Verb.HELO): replies.DUPLICATE_HELO,
+    (State.RCPT, Verb.EHLO): replies.DUPLICATE_HELO,
+    (State.RCPT, Verb.MAIL): replies.NESTED_MAIL,
+}
+
+#: States in which a command line is read and dispatched.
+COMMAND_STATES: Final = frozenset({State.FRESH, State.READY, State.MAIL, State.RCPT})
+
+
+class Session:
+    """One SMTP conversation. See the module docstring for the protocol it speaks."""
+
+    def __init__(
+        self, config: Config, *, new_spool: Callable[[], BinaryIO] | None = None
+    ) -> None:
+        self._config = config
+        self._named = replies.named_replies(config.name, config.max_message_size)
+        self._new_spool = new_spool
+        self._buffer = bytearray()
+        self._lines = LineReader(MAX_COMMAND_LINE)
+        self._data: DataReader | None = None
+        self._shutting_down = False
+        self.state = State.FRESH
+        self.helo_name: str | None = None
+        self.reverse_path: str | None = None
+        self.forward_paths: list[str] = []
+        #: error replies (4xx/5xx) sent so far; at ``config.max_errors`` the session ends
+        self.errors = 0
+        #: complete lines read so far (commands and message data)
+        self.lines_completed = 0
+        #: the client has closed its side (``receive(b"")``)
+        self.peer_closed = False
+
+    # -- the interface ---------------------------------------------------------
+
+    def start(self) -> list[Action]:
+        """The greeting, to send as soon as the client connects."""
+        return [self._named.greeting]
+
+    def receive(self, data: bytes) -> list[Action]:
+        """Take bytes from the client (``b""``: it closed its side) and return actions."""
+        if not data:
+            self.peer_closed = True
+            if self.state is State.DATA and self._data is not None:
+                self._data.discard()  # an unfinished message is lost; nothing was promised
+            return []
+        if self.state is State.CLOSED or self.peer_closed:
+            return []
+        self._buffer += data
+        return self._advance([])
+
+    def delivered(self, number: int) -> list[Action]:
+        """The pending message was stored as ``number``: its 250, then what was pipelined."""
+        return self._resume(replies.delivered(number))
+
+    def delivery_failed(self, reply: Reply = replies.WRITE_ERROR) -> list[Action]:
+        """The pending message could not be stored: ``reply`` (a 4xx), then the rest."""
+        return self._resume(reply)
+
+    def timed_out(self) -> list[Action]:
+        """The client took too long to send a line: 421, then close."""
+        if self.state in (State.CLOSED, State.DELIVERING):
+            return []
+        return self._close_with(self._named.timeout)
+
+    def shut_down(self) -> list[Action]:
+        """The server is stopping: 421 and close, or, with a message being stored, after
+        its reply."""
+        if self.state is State.CLOSED:
+            return []
+        if self.state is State.DELIVERING:
+            self._shutting_down = True
+            return []
+        return self._close_with(self._named.shutting_down)
+
+    @property
+    def paused(self) -> bool:
+        """True while a message is being stored; the session reads no input meanwhile."""
+        return self.state is State.DELIVERING
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    # -- reading input ---------------------------------------------------------
+
+    def _advance(self, out: list[Action]) -> list[Action]:
+        buffer = self._buffer
+        while buffer:
+            if self.state is State.DATA:
+                assert self._data is not None
+                chunk = bytes(buffer)
+                buffer.clear()
+                rest = self._data.feed(chunk)
+                if rest is None:
+                    self.lines_completed += chunk.count(b"\n")
+                    break
+                self.lines_completed += chunk.count(b"\n", 0, len(chunk) - len(rest))
+                buffer += rest
+                self._end_of_data(out)
+            elif self.state in COMMAND_STATES:
+                line = self._lines.maybe_next_line(buffer)
+                if line is None:
+                    break
+                self.lines_completed += 1
+                if line is LineStatus.TOO_LONG:
+                    self._answer(out, replies.LINE_TOO_LONG)
+                else:
+                    assert isinstance(line, bytes)
+                    self._command(line, out)
+            else:  # DELIVERING or CLOSED: input waits, or is ignored
+                break
+        return out
+
+    def _command(self, line: bytes, out: list[Action]) -> None:
+        verb: Verb | None = None
+        try:
+            verb, argument = split_command(decode_line(line))
+            if verb is None:
+                reply = replies.UNKNOWN_COMMAND
+            else:
+                reply = OUT_OF_ORDER.get((self.state, verb)) or HANDLERS[verb](self, argument)
+        except SyntaxReply as refusal:
+            reply = refusal.reply
+        self._answer(out, reply)
+        if verb is Verb.QUIT and reply is replies.BYE:
+            out.append(CLOSE)
+
+    def _answer(self, out: list[Action], reply: Reply) -> None:
+        out.append(reply)
+        if reply.is_error and self.state is not State.CLOSED:
+            self.errors += 1
+            if self.errors >= self._config.max_errors:
+                out.extend(self._close_with(self._named.too_many_errors))
+
+    def _close_with(self, reply: Reply) -> list[Action]:
+        self.state = State.CLOSED
+        self._buffer.clear()
+        self._reset_transaction()
+        return [reply, CLOSE]
+
+    def _end_of_data(self, out: list[Action]) -> None:
+        reader = self._data
+        assert reader is not None and self.helo_name is not None
+        self._data = None
+        if reader.too_big:
+            self._reset_transaction()
+            self.state = State.READY
+            self._answer(out, replies.TOO_BIG)
+            return
+        assert self.reverse_path is not None
+        envelope = Envelope(self.helo_name, self.reverse_path, tuple(self.forward_paths))
+        self._reset_transaction()
+        self.state = State.DELIVERING
+        out.append(Deliver(envelope, reader.body()))
+
+    def _resume(self, reply: Reply) -> list[Action]:
+        if self.state is not State.DELIVERING:
+            raise RuntimeError("no message is being delivered")
+        self.state = State.READY
+        out: list[Action] = []
+        self._answer(out, reply)
+        if self.state is State.CLOSED:
+            return out
+        if self._shutting_down:
+            return out + self._close_with(self._named.shutting_down)
+        return self._advance(out)
+
+    def _reset_transaction(self) -> None:
+        self.reverse_path = None
+        self.forward_paths = []
+
+    # -- the commands (RFC 5321 §4.1.1) -----------------------------------------
+
+    def _helo(self, argument: str) -> Reply:
+        self.helo_name = parse_helo(argument)
+        self.state = State.READY
+        return self._named.helo
+
+    def _ehlo(self, argument: str) -> Reply:
+        self.helo_name = parse_helo(argument)
+        self.state = State.READY
+        return self._named.ehlo
+
+    def _mail(self, argument: str) -> Reply:
+        mail = parse_mail(argument, self._config.max_message_size)
+        self.reverse_path = mail.reverse_path
+        self.forward_paths = []
+        self.state = State.MAIL
+        return replies.MAIL_OK
+
+    def _rcpt(self, argument: str) -> Reply:
+        address = parse_rcpt(argument)
+        if len(self.forward_paths) >= self._config.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        self.forward_paths.append(address)
+        self.state = State.RCPT
+        return replies.RCPT_OK
+
+    def _data_command(self, argument: str) -> Reply:
+        if argument:
+            return replies.DATA_SYNTAX
+        self._data = DataReader(
+            self._config.max_message_size,
+            spool_threshold=self._config.spool_threshold,
+            new_spool=self._new_spool,
+        )
+        self.state = State.DATA
+        return replies.START_DATA
+
+    def _rset(self, argument: str) -> Reply:
+        if argument:
+            return replies.RSET_SYNTAX
+        self._reset_transaction()
+        self.state = State.FRESH if self.helo_name is None else State.READY
+        return replies.OK
+
+    def _noop(self, argument: str) -> Reply:
+        return replies.OK  # RFC 5321 §4.1.1.9: an argument is allowed and ignored
+
+    def _vrfy(self, argument: str) -> Reply:
+        return replies.CANNOT_VRFY if argument else replies.VRFY_SYNTAX
+
+    def _quit(self, argument: str) -> Reply:
+        self._reset_transaction()
+        self.state = State.CLOSED
+        self._buffer.clear()
+        return replies.BYE
+
+
+HANDLERS: Final[dict[Verb, Callable[[Session, str], Reply]]] = {
+    Verb.HELO: Session._helo,
+    Verb.EHLO: Session._ehlo,
+    Verb.MAIL: Session._mail,
+    Verb.RCPT: Session._rcpt,
+    Verb.DATA: Session._data_command,
+    Verb.RSET: Session._rset,
+    Verb.NOOP: Session._noop,
+    Verb.VRFY: Session._vrfy,
+    Verb.QUIT: Session._quit,
+}
