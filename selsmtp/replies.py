@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Final
 
 
@@ -44,6 +45,9 @@ class Reply:
         return cls(code, lines)
 
 
+_UNPRINTABLE: Final = re.compile(r"[^\x21-\x7e]")
+
+
 # -- fixed replies (SPEC §3) -------------------------------------------------
 
 OK: Final = Reply.of(250, "2.0.0 Ok")
@@ -75,8 +79,13 @@ MAILBOX_BUSY: Final = Reply.of(451, "4.3.0 Error: mailbox busy, try again later"
 
 
 def unsupported_option(param: str) -> Reply:
-    """555 for a MAIL or RCPT parameter we do not support, naming it as sent."""
-    return Reply.of(555, f"5.5.4 Unsupported option: {param}")
+    """555 for a MAIL or RCPT parameter we do not support, naming it as sent.
+
+    Why: the parameter is the client's text. Only printable ASCII is echoed (anything
+    else shows as ``?``), so a reply never carries control bytes, and bytes that were
+    not UTF-8 (lone surrogates after decoding) cannot make rendering fail.
+    """
+    return Reply.of(555, f"5.5.4 Unsupported option: {_UNPRINTABLE.sub('?', param)}")
 
 
 def delivered(number: int) -> Reply:

@@ -234,6 +234,11 @@ class Session:
     def _close_with(self, reply: Reply) -> list[Action]:
         self.state = State.CLOSED
         self._buffer.clear()
+        if self._data is not None:
+            # Why: a timeout or shutdown can end a session mid-message; a spooled
+            # message holds a temporary file that must be closed now, not at GC.
+            self._data.discard()
+            self._data = None
         self._reset_transaction()
         return [reply, CLOSE]
 

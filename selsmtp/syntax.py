@@ -81,7 +81,9 @@ def split_command(text: str) -> tuple[Verb | None, str]:
     if not text:
         raise SyntaxReply(replies.BAD_SYNTAX)
     word, _, argument = text.replace("\t", " ").partition(" ")
-    return VERBS.get(word.upper()), argument.strip(_WS)
+    # Why: only ASCII letters fold; str.upper() would also turn "ma\u0131l" into "MAIL".
+    verb = VERBS.get(word.upper()) if word.isascii() else None
+    return verb, argument.strip(_WS)
 
 
 def parse_helo(argument: str) -> str:
@@ -101,14 +103,15 @@ def parse_mail(argument: str, max_size: int) -> MailFrom:
     smtputf8 = False
     for param in params:
         keyword, has_value, value = param.partition("=")
-        keyword = keyword.upper()
+        # Why: fold ASCII only, as for verbs ("\u017fize" must not read as SIZE).
+        keyword = keyword.upper() if keyword.isascii() else keyword
         if keyword == "SIZE" and has_value:
             if not value.isascii() or not value.isdigit() or len(value) > 20:
                 raise SyntaxReply(replies.BAD_SIZE)
             declared_size = int(value)
             if declared_size > max_size:
                 raise SyntaxReply(replies.TOO_BIG)
-        elif keyword == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+        elif keyword == "BODY" and value.isascii() and value.upper() in ("7BIT", "8BITMIME"):
             pass  # RFC 6152: bodies are stored as bytes either way
         elif keyword == "SMTPUTF8" and not has_value:
             smtputf8 = True
