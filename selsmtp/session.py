@@ -108,6 +108,24 @@ COMMAND_STATES: Final = frozenset({State.FRESH, State.READY, State.MAIL, State.R
 class Session:
     """One SMTP conversation. See the module docstring for the protocol it speaks."""
 
+    # Why slots: a server holds one session per connection, thousands at once.
+    __slots__ = (
+        "_buffer",
+        "_config",
+        "_data",
+        "_lines",
+        "_named",
+        "_new_spool",
+        "_shutting_down",
+        "errors",
+        "forward_paths",
+        "helo_name",
+        "lines_completed",
+        "peer_closed",
+        "reverse_path",
+        "state",
+    )
+
     def __init__(
         self, config: Config, *, new_spool: Callable[[], BinaryIO] | None = None
     ) -> None:
