@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import resource
 import signal
 import socket
@@ -14,7 +13,7 @@ from typing import Final
 
 from selsmtp import __version__
 from selsmtp.config import FORMATS, Config
-from selsmtp.server import Server
+from selsmtp.server import Server, format_address
 from selsmtp.store import StartupError
 
 log = logging.getLogger("selsmtp")
@@ -52,24 +51,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    add("--port", type=port_number, default=8765,
-        help="TCP port; 0 picks a free one (default: %(default)s)")
+    add(
+        "--port",
+        type=port_number,
+        default=8765,
+        help="TCP port; 0 picks a free one (default: %(default)s)",
+    )
     add("--mailbox", default="./mailbox", help="where messages go (default: %(default)s)")
-    add("--format", choices=FORMATS, default="cs4410",
-        help="mailbox format (default: %(default)s)")
+    add("--format", choices=FORMATS, default="cs4410", help="mailbox format (default: %(default)s)")
     add("--name", default=None, help="server name in replies (default: the short host name)")
-    add("--timeout", type=positive_float, default=300.0,
-        help="seconds a client may take to send each line (default: %(default)s)")
-    add("--max-message-size", type=positive_int, default=33_554_432, metavar="BYTES",
-        help="largest message accepted (default: %(default)s)")
-    add("--max-recipients", type=positive_int, default=1000, metavar="N",
-        help="recipients per message (default: %(default)s)")
-    add("--max-connections", type=positive_int, default=1000, metavar="N",
-        help="concurrent connections (default: %(default)s)")
-    add("--rotate", type=positive_int, default=None, metavar="N",
-        help="rotate the mailbox file after every N messages (default: never)")
-    add("--log-level", choices=("debug", "info", "warning", "error"), default="info",
-        help="(default: %(default)s)")
+    add(
+        "--timeout",
+        type=positive_float,
+        default=300.0,
+        help="seconds a client may take to send each line (default: %(default)s)",
+    )
+    add(
+        "--max-message-size",
+        type=positive_int,
+        default=33_554_432,
+        metavar="BYTES",
+        help="largest message accepted (default: %(default)s)",
+    )
+    add(
+        "--max-recipients",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="recipients per message (default: %(default)s)",
+    )
+    add(
+        "--max-connections",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="concurrent connections (default: %(default)s)",
+    )
+    add(
+        "--rotate",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="rotate the mailbox file after every N messages (default: never)",
+    )
+    add(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="(default: %(default)s)",
+    )
     # Hidden: for tests and benchmarks, not for users.
     add("--lock-wait", type=positive_float, default=20.0, help=argparse.SUPPRESS)
     add("--no-fsync", action="store_true", help=argparse.SUPPRESS)
@@ -130,16 +160,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"selsmtp: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"selsmtp: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
-              file=sys.stderr)
+        where = format_address((config.host, config.port))
+        print(f"selsmtp: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     stop = lambda signum, frame: server.request_stop()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)  # no KeyboardInterrupt can land mid-write
     signal.set_wakeup_fd(server.wakeup_fd, warn_on_full_buffer=False)
     print(f"selsmtp listening on {server.address}", flush=True)
-    log.info("selsmtp %s listening on %s, mailbox %s (%s, message %d follows)", __version__,
-             server.address, server.store.path, config.format, server.store.last_number + 1)
+    log.info(
+        "selsmtp %s listening on %s, mailbox %s (%s, message %d follows)",
+        __version__,
+        server.address,
+        server.store.path,
+        config.format,
+        server.store.last_number + 1,
+    )
     server.serve_forever()
     log.info("stopped after %d deliveries", server.delivered)
     return 0

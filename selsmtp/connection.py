@@ -164,5 +164,10 @@ class Connection:
         self._server.forget(self, sock)
         sock.close()
         self.out.clear()
-        log.info("connection %s closed (%s) after %d message%s", self.peer, reason,
-                 self.messages, "" if self.messages == 1 else "s")
+        log.info(
+            "connection %s closed (%s) after %d message%s",
+            self.peer,
+            reason,
+            self.messages,
+            "" if self.messages == 1 else "s",
+        )

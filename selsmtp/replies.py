@@ -116,9 +116,7 @@ def named_replies(name: str, max_message_size: int) -> NamedReplies:
     return NamedReplies(
         greeting=Reply.of(220, f"{name} SMTP CS4410MP3"),
         helo=Reply.of(250, name),
-        ehlo=Reply.of(
-            250, name, "PIPELINING", f"SIZE {max_message_size}", "8BITMIME", "SMTPUTF8"
-        ),
+        ehlo=Reply.of(250, name, "PIPELINING", f"SIZE {max_message_size}", "8BITMIME", "SMTPUTF8"),
         too_many_connections=Reply.of(421, f"4.7.0 {name} Error: too many connections"),
         too_many_errors=Reply.of(421, f"4.7.0 {name} Error: too many errors"),
         timeout=Reply.of(421, f"4.4.2 {name} Error: timeout exceeded"),

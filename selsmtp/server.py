@@ -22,7 +22,10 @@ ever writes the mailbox concurrently: no lock is needed inside the process. The
 
 Deadlines sit in a heap with at most one entry per connection. A connection moves its
 own deadline later by changing an attribute; when an entry comes due early it is
-pushed again with the current value, so a busy connection costs no heap work.
+pushed again with the current value, so a busy connection costs no heap work. The
+entry of a connection that closes stays until it comes due; once such entries are
+the majority the heap is rebuilt without them, so a high rate of short connections
+does not keep thousands of dead ones alive for a whole timeout.
 
 Signals are not handled in the loop: the handler only sets a flag, and
 ``signal.set_wakeup_fd`` on a socketpair makes ``select`` return at once.
@@ -61,6 +64,9 @@ LOCK_RETRY_MAX: Final = 0.02
 ACCEPT_PAUSE: Final = 1.0
 #: seconds after shutdown begins that connections still open are dropped
 SHUTDOWN_GRACE: Final = 2.0
+#: the deadline heap is rebuilt once it holds more than this many entries of closed
+#: connections and they are over half of it
+COMPACT_MIN: Final = 1024
 
 Callback = Callable[[int, float], None]
 
@@ -123,9 +129,7 @@ class Server:
             if store is None:
                 from selsmtp.store import cs4410_renderer
 
-                store = FileStore(
-                    config.mailbox, cs4410_renderer(config.name), fsync=config.fsync
-                )
+                store = FileStore(config.mailbox, cs4410_renderer(config.name), fsync=config.fsync)
         except BaseException:
             self._listener.close()
             raise
@@ -137,6 +141,7 @@ class Server:
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self.connections: set[Connection] = set()
         self._deadlines: list[tuple[float, int, Connection]] = []
+        self._dead_deadlines = 0  # entries in the heap whose connection is closed
         self._sequence = itertools.count()
         self._waiting: list[_Waiting] = []
         self._lock_retry_at = 0.0
@@ -214,14 +219,19 @@ class Server:
                 pass
 
     def _begin_shutdown(self, now: float) -> None:
-        log.info("shutting down: %d connections, %d messages waiting to be stored",
-                 len(self.connections), len(self._waiting))
+        log.info(
+            "shutting down: %d connections, %d messages waiting to be stored",
+            len(self.connections),
+            len(self._waiting),
+        )
         self._stopping_since = now
         self._close_listener()
         for conn in list(self.connections):
             conn.apply(conn.session.shut_down(), now)
 
     def _maintain(self, now: float) -> None:
+        if self._dead_deadlines > COMPACT_MIN and 2 * self._dead_deadlines > len(self._deadlines):
+            self._compact_deadlines()
         if self._stop_requested and self._stopping_since is None:
             self._begin_shutdown(now)
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
@@ -230,8 +240,11 @@ class Server:
             return
         elapsed = now - self._stopping_since
         if self._waiting and elapsed >= self.config.shutdown_lock_wait:
-            log.warning("mailbox still locked after %.0f s of shutdown; %d messages refused",
-                        elapsed, len(self._waiting))
+            log.warning(
+                "mailbox still locked after %.0f s of shutdown; %d messages refused",
+                elapsed,
+                len(self._waiting),
+            )
             self._refuse_waiting(self._waiting, replies.MAILBOX_BUSY, now)
             self._waiting = []
         if elapsed >= self.config.shutdown_lock_wait + SHUTDOWN_GRACE:
@@ -296,8 +309,7 @@ class Server:
         # level-triggered selector would wake us forever. Stop watching it until a
         # connection closes (or a second passes) and serve the clients we have.
         if self._accept_paused_until is None and self._listener is not None:
-            log.warning("accept failed (%s); not accepting until a connection closes",
-                        exc.strerror)
+            log.warning("accept failed (%s); not accepting until a connection closes", exc.strerror)
             self._selector.unregister(self._listener)
         self._accept_paused_until = now + ACCEPT_PAUSE
 
@@ -324,6 +336,8 @@ class Server:
             self._selector.unregister(sock)
             conn.events = 0
         self.connections.discard(conn)
+        if conn.in_heap:
+            self._dead_deadlines += 1  # see _maintain
         if self._accept_paused_until is not None:
             self._resume_accepting()
 
@@ -332,9 +346,20 @@ class Server:
         self._waiting.append(_Waiting(conn, deliver, now))
 
     def watch_deadline(self, conn: Connection) -> None:
-        if not conn.in_heap and conn.deadline != NEVER:
+        if not conn.in_heap and conn.deadline != NEVER and not conn.closed:
             heapq.heappush(self._deadlines, (conn.deadline, next(self._sequence), conn))
             conn.in_heap = True
+
+    def _compact_deadlines(self) -> None:
+        live = []
+        for entry in self._deadlines:
+            if entry[2].closed:
+                entry[2].in_heap = False
+            else:
+                live.append(entry)
+        heapq.heapify(live)
+        self._deadlines = live
+        self._dead_deadlines = 0
 
     def _expire_deadlines(self, now: float) -> None:
         heap = self._deadlines
@@ -342,6 +367,7 @@ class Server:
             _, _, conn = heapq.heappop(heap)
             conn.in_heap = False
             if conn.closed:
+                self._dead_deadlines -= 1
                 continue
             if conn.deadline <= now:
                 log.info("%s: no complete line in %.0f s", conn.peer, self.config.timeout)
@@ -366,23 +392,31 @@ class Server:
             return
         self._lock_retry_delay = LOCK_RETRY_MIN
         self._lock_retry_at = 0.0
-        for waiting, number in zip(batch, numbers):
+        for waiting, number in zip(batch, numbers, strict=True):
             self._release(waiting)
             envelope = waiting.deliver.envelope
             conn = waiting.conn
             conn.messages += 1
             self.delivered += 1
-            log.info("delivered message %d from <%s> to %d recipient%s for %s",
-                     number, envelope.reverse_path, len(envelope.forward_paths),
-                     "" if len(envelope.forward_paths) == 1 else "s", conn.peer)
+            log.info(
+                "delivered message %d from <%s> to %d recipient%s for %s",
+                number,
+                envelope.reverse_path,
+                len(envelope.forward_paths),
+                "" if len(envelope.forward_paths) == 1 else "s",
+                conn.peer,
+            )
             conn.apply(conn.session.delivered(number), now)
 
     def _lock_busy(self, batch: list[_Waiting], now: float) -> None:
         """The mailbox is locked by another process: wait, but not forever."""
         expired = [w for w in batch if now - w.since >= self.config.lock_wait]
         if expired:
-            log.warning("mailbox locked for %.0f s; %d messages refused with 451",
-                        self.config.lock_wait, len(expired))
+            log.warning(
+                "mailbox locked for %.0f s; %d messages refused with 451",
+                self.config.lock_wait,
+                len(expired),
+            )
             self._refuse_waiting(expired, replies.MAILBOX_BUSY, now)
             batch = [w for w in batch if now - w.since < self.config.lock_wait]
         self._waiting = batch + self._waiting
@@ -399,4 +433,3 @@ class Server:
         body = waiting.deliver.body
         if not isinstance(body, bytes):
             body.close()
-

@@ -126,9 +126,7 @@ class Session:
         "state",
     )
 
-    def __init__(
-        self, config: Config, *, new_spool: Callable[[], BinaryIO] | None = None
-    ) -> None:
+    def __init__(self, config: Config, *, new_spool: Callable[[], BinaryIO] | None = None) -> None:
         self._config = config
         self._named = replies.named_replies(config.name, config.max_message_size)
         self._new_spool = new_spool

@@ -141,14 +141,16 @@ class FileStore:
         self._state = _State()
         try:
             self._fd = self._open_mailbox()
-            self._state_fd = os.open(
-                self.state_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
-            )
+            self._state_fd = os.open(self.state_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             self.close()
             name = exc.filename or self.path
             raise StartupError(f"cannot open mailbox {name}: {exc.strerror}") from exc
-        self._recover()
+        try:
+            self._recover()
+        except OSError as exc:
+            self.close()
+            raise StartupError(f"cannot recover mailbox {self.path}: {exc.strerror}") from exc
 
     @property
     def last_number(self) -> int:
@@ -167,27 +169,34 @@ class FileStore:
 
         Returns their numbers, in order, or ``None`` if another process holds the
         lock (nothing was done; try again later). Raises :class:`StoreError` if the
-        write or the fsync failed; the mailbox is then as it was before.
+        mailbox could not be opened or locked, or the write, the fsync or the state
+        update failed; the mailbox is then as it was before.
         """
-        if not self._lock():
-            return None
         try:
-            start = os.fstat(self._fd).st_size
-            first = self._state.number + 1
-            self._begin(start)
-            try:
-                written = self._write(first, batch)
-                self._fsync(self._fd)
-            except OSError as exc:
-                self._roll_back(start)
-                raise StoreError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
-            self._state.number = first + len(batch) - 1
-            self._state.size = start + written
-            self._state.pending = -1
-            self._save_state(sync=True)
-            return list(range(first, first + len(batch)))
+            if not self._lock():
+                return None
+        except OSError as exc:
+            raise StoreError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
+        try:
+            return self._append_locked(batch)
         finally:
             self._unlock()
+
+    def _append_locked(self, batch: Sequence[Deliver]) -> list[int]:
+        try:
+            start = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise StoreError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
+        first = self._state.number + 1
+        try:
+            self._begin(start)
+            written = self._write(first, batch)
+            self._fsync(self._fd)
+            self._commit(first + len(batch) - 1, start + written)
+        except OSError as exc:
+            self._roll_back(start)
+            raise StoreError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
+        return list(range(first, first + len(batch)))
 
     def _write(self, first: int, batch: Sequence[Deliver]) -> int:
         pieces: list[bytes] = []
@@ -210,6 +219,18 @@ class FileStore:
         # Why no fsync: if this line is lost the batch's bytes are at worst kept as
         # if another program had appended them; see the README's Guarantees.
         self._save_state(sync=False)
+
+    def _commit(self, number: int, size: int) -> None:
+        """Record the batch as stored (the commit marker's second half)."""
+        before = self._state.number, self._state.size
+        self._state.number, self._state.size, self._state.pending = number, size, -1
+        try:
+            self._save_state(sync=True)
+        except OSError:
+            # Why: a state update that did not reach the disk commits nothing; the
+            # caller cuts the batch back, so the old number and length must stand.
+            self._state.number, self._state.size = before
+            raise
 
     def _roll_back(self, start: int) -> None:
         try:
@@ -235,6 +256,8 @@ class FileStore:
     def _lock(self) -> bool:
         """Take the exclusive lock on the file now at the path, or return False."""
         while True:
+            if self._fd < 0:  # reopening failed last time (its folder was gone)
+                self._fd = self._open_mailbox()
             try:
                 fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -281,8 +304,9 @@ class FileStore:
         if saved is None:
             self._state.number = self._scan_last_number()
             if self._state.number:
-                log.info("no state file; the last number in %s is %d", self.path,
-                         self._state.number)
+                log.info(
+                    "no state file; the last number in %s is %d", self.path, self._state.number
+                )
             self._save_state(sync=True)
             return
         self._state = saved
@@ -291,8 +315,9 @@ class FileStore:
         st = os.fstat(self._fd)
         if (st.st_dev, st.st_ino) == (saved.dev, saved.ino) and st.st_size > saved.pending:
             if not self._lock():
-                log.warning("mailbox %s is locked; its torn tail stays until the next start",
-                            self.path)
+                log.warning(
+                    "mailbox %s is locked; its torn tail stays until the next start", self.path
+                )
                 return
             try:
                 size = os.fstat(self._fd).st_size
@@ -301,7 +326,8 @@ class FileStore:
                     self._fsync(self._fd)
                     log.warning(
                         "removed a torn tail of %d bytes from %s (an append cut short by a crash)",
-                        size - saved.pending, self.path,
+                        size - saved.pending,
+                        self.path,
                     )
             finally:
                 self._unlock()

@@ -1,0 +1,143 @@
+"""Many clients at once: every message stored once, whole, never interleaved."""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .conftest import (
+    HELO,
+    WAIT,
+    RunningServer,
+    WireClient,
+    checked_body,
+    ehlo_reply,
+    greeting,
+    read_mailbox,
+    to_wire,
+    transaction,
+    verify_checked_body,
+)
+
+DELIVERED = re.compile(rb"250 2\.0\.0 Ok: delivered message (\d+)\r\n")
+
+
+def run_clients(running: RunningServer, plans: list[list[bytes]], timeout: float) -> dict[str, int]:
+    """One thread per plan; each connects, waits until all are connected, then sends
+    its messages (stored-form bodies) pipelined in one go and QUIT.
+
+    Returns the number each message's token was stored as, checking every reply.
+    """
+    start = threading.Barrier(len(plans), timeout=timeout)
+    numbers: dict[str, int] = {}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def client(bodies: list[bytes]) -> None:
+        try:
+            connection = WireClient(running.address)
+            try:
+                start.wait()
+                connection.send(
+                    f"EHLO {HELO}\r\n".encode()
+                    + b"".join(
+                        transaction("a@example.org", ["b@example.org"], to_wire(body))
+                        for body in bodies
+                    )
+                    + b"QUIT\r\n"
+                )
+                transcript = connection.read_until_closed(timeout)
+            finally:
+                connection.close()
+            got = [int(n) for n in DELIVERED.findall(transcript)]
+            expected = greeting() + ehlo_reply()
+            for number in got:
+                expected += (
+                    b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+                    + b"250 2.0.0 Ok: delivered message %d\r\n" % number
+                )
+            assert transcript == expected + b"221 2.0.0 Bye\r\n", transcript[-300:]
+            assert len(got) == len(bodies)
+            with lock:
+                for body, number in zip(bodies, got, strict=True):
+                    numbers[verify_checked_body(body)] = number
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(plan,)) for plan in plans]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), "a client hung"
+    if errors:
+        raise errors[0]
+    return numbers
+
+
+def check_mailbox(mailbox: Path, numbers: dict[str, int]) -> None:
+    """Every message once, whole, numbered 1..N in file order, as its client was told."""
+    records = read_mailbox(mailbox)
+    assert [r.number for r in records] == list(range(1, len(numbers) + 1))
+    stored = {verify_checked_body(r.body): r.number for r in records}
+    assert len(stored) == len(records)  # no token twice
+    assert stored == numbers
+
+
+@pytest.mark.timeout(60)
+def test_thirty_clients_with_300_kb_messages_at_once(server: RunningServer, mailbox: Path) -> None:
+    plans = [[checked_body(f"client{i:02d}", 300_000)] for i in range(32)]
+
+    numbers = run_clients(server, plans, timeout=WAIT * 3)
+
+    assert sorted(numbers.values()) == list(range(1, 33))
+    check_mailbox(mailbox, numbers)
+
+
+@pytest.mark.timeout(60)
+def test_clients_pipelining_several_messages_of_mixed_sizes(
+    start_server: Callable[..., RunningServer], mailbox: Path
+) -> None:
+    # A low spool threshold sends the larger bodies through temporary files.
+    running = start_server(spool_threshold=64 * 1024)
+    rng = random.Random(7)
+    plans = [
+        [
+            checked_body(f"c{i:02d}m{j}", rng.choice([10, 2_000, 70_000, 400_000]))
+            for j in range(rng.randrange(1, 5))
+        ]
+        for i in range(30)
+    ]
+
+    numbers = run_clients(running, plans, timeout=WAIT * 3)
+
+    total = sum(len(plan) for plan in plans)
+    assert sorted(numbers.values()) == list(range(1, total + 1))
+    check_mailbox(mailbox, numbers)
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(600)
+def test_stress_many_clients_many_messages(
+    start_server: Callable[..., RunningServer], mailbox: Path
+) -> None:
+    running = start_server(spool_threshold=256 * 1024)
+    rng = random.Random(11)
+    plans = [
+        [
+            checked_body(f"s{i:03d}m{j}", rng.choice([10, 5_000, 300_000, 2_000_000]))
+            for j in range(rng.randrange(1, 6))
+        ]
+        for i in range(300)
+    ]
+
+    numbers = run_clients(running, plans, timeout=300)
+
+    total = sum(len(plan) for plan in plans)
+    assert sorted(numbers.values()) == list(range(1, total + 1))
+    check_mailbox(mailbox, numbers)

@@ -1,0 +1,626 @@
+"""FileStore on real files in tmp_path: numbering, recovery, consumers, failures, the lock.
+
+Failures are injected at the system-call boundary (a renderer that fails part-way,
+``os.fsync`` / ``os.writev`` replaced for one test) and crashes are real: a child
+process dies with ``os._exit`` in the middle of an append. Lock conflicts need a
+second process, because ``lockf`` locks belong to the process.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import multiprocessing
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from selsmtp import formats, store
+from selsmtp.session import Deliver, Envelope
+from selsmtp.store import FileStore, StartupError, StoreError, cs4410_renderer
+
+pytestmark = pytest.mark.timeout(60)
+
+NAME = "mx.test"
+WAIT = 10.0
+NUMBER = re.compile(rb"\(CS4410MP3\)\nNumber: (\d+)\n")
+
+OpenStore = Callable[..., FileStore]
+
+
+def deliver(body: bytes | Any = b"hello\r\n", *recipients: str) -> Deliver:
+    envelope = Envelope("client.test", "a@example.org", recipients or ("b@example.org",))
+    return Deliver(envelope, body)
+
+
+def record(number: int, body: bytes = b"hello\n") -> bytes:
+    """The exact cs4410 record ``deliver(...)`` is stored as (SPEC §5.1)."""
+    return (
+        b"Received: from client.test by mx.test (CS4410MP3)\n"
+        + b"Number: %d\n" % number
+        + b"From: a@example.org\nTo: b@example.org\n\n"
+        + body
+        + b"\n"
+    )
+
+
+def numbers_in(path: Path) -> list[int]:
+    return [int(n) for n in NUMBER.findall(path.read_bytes())]
+
+
+def state_path(mailbox: Path) -> Path:
+    return mailbox.with_name(mailbox.name + store.STATE_SUFFIX)
+
+
+@pytest.fixture
+def mailbox(tmp_path: Path) -> Path:
+    return tmp_path / "mailbox"
+
+
+@pytest.fixture
+def open_store(mailbox: Path) -> Iterator[OpenStore]:
+    """``open_store(path=mailbox, render=cs4410)``; every store is closed at teardown."""
+    opened: list[FileStore] = []
+
+    def open_one(path: Path = mailbox, render: store.Renderer | None = None) -> FileStore:
+        opened.append(FileStore(str(path), render or cs4410_renderer(NAME)))
+        return opened[-1]
+
+    yield open_one
+    for one in opened:
+        one.close()
+
+
+# -- numbering ------------------------------------------------------------------
+
+
+def test_first_append_creates_the_file_with_record_1(open_store: OpenStore, mailbox: Path) -> None:
+    assert not mailbox.exists()
+    mailbox_store = open_store()
+    assert mailbox.exists()
+    assert mailbox_store.last_number == 0
+
+    assert mailbox_store.try_append([deliver()]) == [1]
+
+    assert mailbox.read_bytes() == record(1)
+    assert mailbox_store.last_number == 1
+    assert state_path(mailbox).exists()
+
+
+def test_a_batch_gets_consecutive_numbers_in_order(open_store: OpenStore, mailbox: Path) -> None:
+    mailbox_store = open_store()
+
+    assert mailbox_store.try_append([deliver(b"x\r\n"), deliver(b"y\r\n"), deliver(b"z\r\n")]) == [
+        1,
+        2,
+        3,
+    ]
+    assert mailbox_store.try_append([deliver(b"w\r\n")]) == [4]
+
+    assert mailbox.read_bytes() == (
+        record(1, b"x\n") + record(2, b"y\n") + record(3, b"z\n") + record(4, b"w\n")
+    )
+
+
+def test_numbers_continue_across_reopen(open_store: OpenStore, mailbox: Path) -> None:
+    first = open_store()
+    first.try_append([deliver(), deliver()])
+    first.close()
+
+    second = open_store()
+
+    assert second.last_number == 2
+    assert second.try_append([deliver()]) == [3]
+    assert numbers_in(mailbox) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbage", "empty"])
+def test_without_a_usable_state_file_the_mailbox_is_scanned(
+    open_store: OpenStore, mailbox: Path, damage: str
+) -> None:
+    first = open_store()
+    first.try_append([deliver(), deliver(), deliver()])
+    first.close()
+    if damage == "deleted":
+        state_path(mailbox).unlink()
+    elif damage == "garbage":
+        state_path(mailbox).write_bytes(b"selsmtp-state 1 0 0 0 0 -1 deadbeef\n")
+    else:
+        state_path(mailbox).write_bytes(b"")
+
+    second = open_store()
+
+    assert second.last_number == 3
+    assert second.try_append([deliver()]) == [4]
+
+
+def test_scan_finds_the_number_of_a_last_record_bigger_than_a_chunk(
+    open_store: OpenStore, mailbox: Path
+) -> None:
+    first = open_store()
+    first.try_append([deliver(), deliver(b"z" * (formats.CHUNK * 5 // 2) + b"\r\n")])
+    first.close()
+    state_path(mailbox).unlink()
+
+    assert open_store().last_number == 2
+
+
+def test_scan_of_an_empty_or_foreign_mailbox_starts_at_1(
+    open_store: OpenStore, mailbox: Path
+) -> None:
+    mailbox.write_bytes(b"From someone in another format\nNumber: 7\n")
+
+    mailbox_store = open_store()
+
+    assert mailbox_store.try_append([deliver()]) == [1]
+
+
+def test_scan_reads_only_the_tail_of_a_huge_mailbox(open_store: OpenStore, mailbox: Path) -> None:
+    # 64 GiB of hole before one record: reading it all would take minutes.
+    first = open_store()
+    first.close()
+    try:
+        os.truncate(mailbox, 64 << 30)
+    except OSError as exc:
+        pytest.skip(f"no sparse 64 GiB file here: {exc}")
+    with mailbox.open("ab") as out:
+        out.write(record(41))
+    state_path(mailbox).unlink()
+    since = time.monotonic()
+
+    mailbox_store = open_store()
+
+    assert time.monotonic() - since < 2.0
+    assert mailbox_store.last_number == 41
+    assert mailbox_store.try_append([deliver()]) == [42]
+
+
+# -- crash recovery -------------------------------------------------------------
+
+
+def _crash_in_the_middle_of_an_append(path: str) -> None:
+    """Child process: store one message, then die while the second is half written."""
+
+    def render(number: int, message: Deliver) -> Iterator[bytes]:
+        yield from cs4410_renderer(NAME)(number, message)
+        if number == 2:
+            yield b"x" * store.WRITE_CHUNK  # big enough to be written at once
+            os._exit(3)  # a crash: no clean-up, no roll-back
+
+    crashing = FileStore(path, render)
+    crashing.try_append([deliver()])
+    crashing.try_append([deliver()])
+
+
+def _crash_before_the_commit(path: str) -> None:
+    """Child process: store one message, then die after writing a whole second record
+    but before its fsync: the record looks complete, yet it was never acknowledged."""
+    armed = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if armed and is_file(fd, Path(path)):
+            os._exit(3)
+        real_fsync(fd)
+
+    os.fsync = fsync  # the store takes os.fsync when it is made
+    crashing = FileStore(path, cs4410_renderer(NAME))
+    crashing.try_append([deliver()])
+    armed.append(True)
+    crashing.try_append([deliver(b"whole but never acknowledged\r\n")])
+
+
+@pytest.mark.parametrize(
+    "crash",
+    [_crash_in_the_middle_of_an_append, _crash_before_the_commit],
+    ids=["cut-inside-a-record", "whole-record-not-committed"],
+)
+def test_torn_tail_left_by_a_crash_is_removed_and_logged(
+    open_store: OpenStore,
+    mailbox: Path,
+    caplog: pytest.LogCaptureFixture,
+    crash: Callable[[str], None],
+) -> None:
+    child = multiprocessing.get_context("spawn").Process(target=crash, args=(str(mailbox),))
+    child.start()
+    child.join(WAIT)
+    assert child.exitcode == 3
+    assert mailbox.stat().st_size > len(record(1))  # the torn tail is there
+
+    with caplog.at_level(logging.WARNING, logger="selsmtp.store"):
+        mailbox_store = open_store()
+
+    assert mailbox.read_bytes() == record(1)
+    [warning] = [r for r in caplog.records if r.name == "selsmtp.store"]
+    assert warning.levelno == logging.WARNING
+    assert "torn tail" in warning.getMessage()
+    assert mailbox_store.last_number == 1
+    assert mailbox_store.try_append([deliver()]) == [2]
+    assert mailbox.read_bytes() == record(1) + record(2)
+
+
+def test_foreign_bytes_with_no_batch_pending_are_kept(
+    open_store: OpenStore, mailbox: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = open_store()
+    first.try_append([deliver()])
+    first.close()
+    foreign = b"appended by another program under the lock\n"
+    with mailbox.open("ab") as out:
+        out.write(foreign)
+
+    with caplog.at_level(logging.WARNING, logger="selsmtp.store"):
+        second = open_store()
+    assert second.try_append([deliver()]) == [2]
+
+    assert mailbox.read_bytes() == record(1) + foreign + record(2)
+    assert not [r for r in caplog.records if r.name == "selsmtp.store"]
+
+
+def test_foreign_bytes_between_appends_are_kept(open_store: OpenStore, mailbox: Path) -> None:
+    mailbox_store = open_store()
+    mailbox_store.try_append([deliver()])
+    with mailbox.open("ab") as out:
+        out.write(b"foreign\n")
+
+    assert mailbox_store.try_append([deliver()]) == [2]
+
+    assert mailbox.read_bytes() == record(1) + b"foreign\n" + record(2)
+
+
+# -- consumers taking the mail away -----------------------------------------------
+
+
+def test_truncated_to_zero_by_a_consumer_numbers_keep_growing(
+    open_store: OpenStore, mailbox: Path
+) -> None:
+    mailbox_store = open_store()
+    mailbox_store.try_append([deliver(), deliver()])
+    with mailbox.open("r+b") as consumer:  # movemail: under the lock, read and empty
+        fcntl.lockf(consumer, fcntl.LOCK_EX)
+        assert numbers_in(mailbox) == [1, 2]
+        consumer.truncate(0)
+
+    assert mailbox_store.try_append([deliver()]) == [3]
+    assert mailbox.read_bytes() == record(3)
+
+    mailbox_store.close()
+    assert open_store().try_append([deliver()]) == [4]
+    assert mailbox.read_bytes() == record(3) + record(4)
+
+
+@pytest.mark.parametrize("how", ["renamed", "unlinked", "replaced"])
+def test_mailbox_taken_away_next_append_starts_a_new_file(
+    open_store: OpenStore, mailbox: Path, tmp_path: Path, how: str
+) -> None:
+    mailbox_store = open_store()
+    mailbox_store.try_append([deliver(), deliver()])
+    old = tmp_path / "old"
+    if how == "renamed":
+        mailbox.rename(old)
+    elif how == "unlinked":
+        os.link(mailbox, old)
+        mailbox.unlink()
+    else:  # a consumer renamed it away and left a new empty file in its place
+        mailbox.rename(old)
+        mailbox.write_bytes(b"")
+
+    assert mailbox_store.try_append([deliver()]) == [3]
+
+    assert mailbox.read_bytes() == record(3)
+    assert old.read_bytes() == record(1) + record(2)  # the old file was not touched
+    mailbox_store.close()
+    assert open_store().try_append([deliver()]) == [4]
+    assert mailbox.read_bytes() == record(3) + record(4)
+
+
+def test_folder_gone_is_a_store_error_then_recovers(open_store: OpenStore, tmp_path: Path) -> None:
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    path = folder / "mailbox"
+    mailbox_store = open_store(path)
+    mailbox_store.try_append([deliver()])
+    folder.rename(tmp_path / "moved")
+
+    with pytest.raises(StoreError):
+        mailbox_store.try_append([deliver()])
+    with pytest.raises(StoreError):  # still gone: still an error, not a crash
+        mailbox_store.try_append([deliver()])
+
+    folder.mkdir()
+    assert mailbox_store.try_append([deliver()]) == [2]
+    assert path.read_bytes() == record(2)
+
+
+# -- failed writes leave nothing behind ---------------------------------------------
+
+
+class Snapshot:
+    """The mailbox and state file bytes, to compare before and after a failure."""
+
+    def __init__(self, mailbox: Path) -> None:
+        self.mailbox = mailbox.read_bytes()
+        self.state = state_path(mailbox).read_bytes()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Snapshot) and (self.mailbox, self.state) == (
+            other.mailbox,
+            other.state,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+FAIL = b"FAIL"
+
+
+def failing_renderer(after: int) -> store.Renderer:
+    """cs4410, except that a body starting with FAIL raises ENOSPC after ``after`` bytes."""
+    normal = cs4410_renderer(NAME)
+
+    def render(number: int, message: Deliver) -> Iterable[bytes]:
+        if not message.body.startswith(FAIL):
+            yield from normal(number, message)
+            return
+        yield b"y" * after
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return render
+
+
+@pytest.mark.parametrize(
+    "after", [0, 100, store.WRITE_CHUNK + 100], ids=["nothing", "unwritten", "written"]
+)
+def test_failure_while_writing_cuts_the_file_back(
+    open_store: OpenStore, mailbox: Path, after: int
+) -> None:
+    mailbox_store = open_store(render=failing_renderer(after))
+    mailbox_store.try_append([deliver()])
+    with mailbox.open("ab") as out:
+        out.write(b"foreign\n")  # the cut goes back to here, not to the last commit
+    before = Snapshot(mailbox)
+
+    with pytest.raises(StoreError, match="No space left"):
+        mailbox_store.try_append([deliver(), deliver(FAIL), deliver()])
+
+    assert Snapshot(mailbox).mailbox == before.mailbox
+    assert mailbox_store.last_number == 1
+    assert mailbox_store.try_append([deliver()]) == [2]  # the failed batch used no number
+    assert mailbox.read_bytes() == record(1) + b"foreign\n" + record(2)
+
+
+class FailingFsync:
+    """Stands in for ``os.fsync``: fails for the descriptors ``fails`` picks."""
+
+    def __init__(self) -> None:
+        self.real = os.fsync
+        self.fails: Callable[[int], bool] = lambda fd: False
+        self.calls = 0
+
+    def __call__(self, fd: int) -> None:
+        if self.fails(fd):
+            self.calls += 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        self.real(fd)
+
+
+def is_file(fd: int, path: Path) -> bool:
+    held, named = os.fstat(fd), os.stat(path)
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
+@pytest.mark.parametrize("which", ["mailbox", "state"])
+def test_failed_fsync_cuts_back_and_is_never_a_success(
+    open_store: OpenStore,
+    mailbox: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    which: str,
+) -> None:
+    fsync = FailingFsync()
+    monkeypatch.setattr(os, "fsync", fsync)
+    mailbox_store = open_store()
+    mailbox_store.try_append([deliver()])
+    before = Snapshot(mailbox)
+    target = mailbox if which == "mailbox" else state_path(mailbox)
+    fsync.fails = lambda fd: is_file(fd, target)
+
+    with pytest.raises(StoreError, match="Input/output error"):
+        mailbox_store.try_append([deliver(b"lost\r\n")])
+
+    assert fsync.calls >= 1
+    assert Snapshot(mailbox).mailbox == before.mailbox
+    assert mailbox_store.last_number == 1
+    fsync.fails = lambda fd: False
+    assert mailbox_store.try_append([deliver()]) == [2]
+    assert mailbox.read_bytes() == record(1) + record(2)
+    mailbox_store.close()
+    assert open_store().last_number == 2  # the state on disk agrees
+
+
+def test_state_is_unchanged_after_a_failed_write(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mailbox_store = open_store(render=failing_renderer(store.WRITE_CHUNK + 1))
+    mailbox_store.try_append([deliver()])
+    before = Snapshot(mailbox)
+
+    with pytest.raises(StoreError):
+        mailbox_store.try_append([deliver(FAIL)])
+
+    assert Snapshot(mailbox) == before
+    mailbox_store.close()
+    reopened = open_store()
+    assert reopened.last_number == 1
+    assert mailbox.read_bytes() == record(1)
+
+
+class ShortWrites:
+    """Stands in for ``os.writev``: writes at most ``step`` bytes per call, then, after
+    ``fail_after`` bytes in all, fails with ENOSPC (a disk filling up mid-record)."""
+
+    def __init__(self, step: int, fail_after: int | None = None) -> None:
+        self.real = os.writev
+        self.step = step
+        self.fail_after = fail_after
+        self.written = 0
+        self.calls = 0
+
+    def __call__(self, fd: int, buffers: Any) -> int:
+        self.calls += 1
+        if self.fail_after is not None and self.written >= self.fail_after:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        first = bytes(next(b for b in buffers if len(b)))[: self.step]
+        written = os.write(fd, first)
+        self.written += written
+        return written
+
+
+def test_short_writes_are_continued(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mailbox_store = open_store()
+    writes = ShortWrites(step=7)
+    monkeypatch.setattr(os, "writev", writes)
+
+    assert mailbox_store.try_append([deliver(b"a longer body\r\nof two lines\r\n"), deliver()]) == [
+        1,
+        2,
+    ]
+
+    assert writes.calls > 20
+    assert mailbox.read_bytes() == record(1, b"a longer body\nof two lines\n") + record(2)
+
+
+def test_short_write_then_failure_leaves_no_partial_record(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mailbox_store = open_store()
+    mailbox_store.try_append([deliver()])
+    before = Snapshot(mailbox)
+    monkeypatch.setattr(os, "writev", ShortWrites(step=50, fail_after=120))
+
+    with pytest.raises(StoreError, match="No space left"):
+        mailbox_store.try_append([deliver(b"z" * 500 + b"\r\n")])
+
+    assert Snapshot(mailbox).mailbox == before.mailbox
+    monkeypatch.undo()
+    assert mailbox_store.try_append([deliver()]) == [2]
+
+
+# -- big batches ----------------------------------------------------------------------
+
+
+def test_batch_with_more_pieces_than_one_writev_takes(open_store: OpenStore, mailbox: Path) -> None:
+    count = store.MAX_IOV  # three pieces each: well over MAX_IOV buffers
+    mailbox_store = open_store()
+
+    assert mailbox_store.try_append([deliver(b"%d\r\n" % n) for n in range(count)]) == list(
+        range(1, count + 1)
+    )
+
+    assert mailbox.read_bytes() == b"".join(record(n + 1, b"%d\n" % n) for n in range(count))
+
+
+def test_batch_bigger_than_a_write_chunk(open_store: OpenStore, mailbox: Path) -> None:
+    bodies = [bytes([65 + n]) * (store.WRITE_CHUNK // 2 + 3) + b"\r\n" for n in range(5)]
+    mailbox_store = open_store()
+
+    assert mailbox_store.try_append([deliver(body) for body in bodies]) == [1, 2, 3, 4, 5]
+
+    expected = b"".join(record(n + 1, body[:-2] + b"\n") for n, body in enumerate(bodies))
+    assert mailbox.read_bytes() == expected
+
+
+def test_spooled_body_with_crlf_across_a_chunk_boundary(
+    open_store: OpenStore, mailbox: Path
+) -> None:
+    with tempfile.TemporaryFile() as spool:
+        spool.write(b"a" * (formats.CHUNK - 1) + b"\r\n" + b"b\r\n" + b"bare\rcr\r\n")
+        spool.seek(0)
+
+        assert open_store().try_append([deliver(spool)]) == [1]
+
+    body = b"a" * (formats.CHUNK - 1) + b"\nb\nbare\rcr\n"
+    assert mailbox.read_bytes() == record(1, body)
+
+
+# -- the lock -----------------------------------------------------------------------
+
+
+def _hold_shared_lock(path: str, locked: Any, release: Any) -> None:
+    with open(path, "rb") as reader:
+        fcntl.lockf(reader, fcntl.LOCK_SH)
+        locked.set()
+        release.wait(60)
+
+
+def test_lock_held_by_a_reader_makes_try_append_return_none(
+    open_store: OpenStore, mailbox: Path
+) -> None:
+    mailbox_store = open_store()
+    mailbox_store.try_append([deliver()])
+    context = multiprocessing.get_context("spawn")
+    locked, release = context.Event(), context.Event()
+    reader = context.Process(target=_hold_shared_lock, args=(str(mailbox), locked, release))
+    reader.start()
+    try:
+        assert locked.wait(WAIT)
+        since = time.monotonic()
+
+        assert mailbox_store.try_append([deliver()]) is None
+        assert mailbox_store.try_append([deliver()]) is None
+
+        assert time.monotonic() - since < 1.0  # it does not wait for the lock
+        assert mailbox.read_bytes() == record(1)
+        assert mailbox_store.last_number == 1
+    finally:
+        release.set()
+        reader.join(WAIT)
+    assert reader.exitcode == 0
+
+    assert mailbox_store.try_append([deliver()]) == [2]
+    assert mailbox.read_bytes() == record(1) + record(2)
+
+
+def test_the_lock_is_released_after_each_append(open_store: OpenStore, mailbox: Path) -> None:
+    mailbox_store = open_store()
+    mailbox_store.try_append([deliver()])
+    context = multiprocessing.get_context("spawn")
+    locked, release = context.Event(), context.Event()
+    reader = context.Process(target=_hold_shared_lock, args=(str(mailbox), locked, release))
+    reader.start()
+    try:
+        assert locked.wait(WAIT)  # a reader can take its shared lock between appends
+    finally:
+        release.set()
+        reader.join(WAIT)
+    assert reader.exitcode == 0
+
+
+# -- start-up failures ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "missing-folder", "a-folder"])
+def test_unusable_path_is_a_startup_error(tmp_path: Path, where: str) -> None:
+    if where == "under-a-file":
+        (tmp_path / "file").write_bytes(b"")
+        path = tmp_path / "file" / "mailbox"
+    elif where == "missing-folder":
+        path = tmp_path / "missing" / "mailbox"
+    else:
+        path = tmp_path / "folder"
+        path.mkdir()
+
+    with pytest.raises(StartupError) as error:
+        FileStore(str(path), cs4410_renderer(NAME))
+
+    message = str(error.value)
+    assert "\n" not in message
+    assert str(path) in message
