@@ -139,6 +139,7 @@ class FileStore:
         self._fd = -1
         self._state_fd = -1
         self._state = _State()
+        self._torn = False  # a crash left a batch unfinished; repair before appending
         try:
             self._fd = self._open_mailbox()
             self._state_fd = os.open(self.state_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -184,19 +185,22 @@ class FileStore:
 
     def _append_locked(self, batch: Sequence[Deliver]) -> list[int]:
         try:
+            if self._torn:
+                self._repair_locked()
             start = os.fstat(self._fd).st_size
         except OSError as exc:
             raise StoreError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
         first = self._state.number + 1
+        last = first + len(batch) - 1
         try:
-            self._begin(start)
+            self._begin(start, last)
             written = self._write(first, batch)
             self._fsync(self._fd)
-            self._commit(first + len(batch) - 1, start + written)
+            self._commit(start + written)
         except OSError as exc:
-            self._roll_back(start)
+            self._roll_back(start, first - 1)
             raise StoreError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
-        return list(range(first, first + len(batch)))
+        return list(range(first, last + 1))
 
     def _write(self, first: int, batch: Sequence[Deliver]) -> int:
         pieces: list[bytes] = []
@@ -210,35 +214,32 @@ class FileStore:
                     pieces, gathered = [], 0
         return written + write_all(self._fd, pieces)
 
-    def _begin(self, start: int) -> None:
-        """Mark a batch as started at ``start`` (the commit marker's first half)."""
+    def _begin(self, start: int, last: int) -> None:
+        """Mark a batch as started at ``start`` and reserve its numbers, up to ``last``
+        (the commit marker's first half)."""
         st = os.fstat(self._fd)
+        self._state.number = last
         self._state.size = start
         self._state.dev, self._state.ino = st.st_dev, st.st_ino
         self._state.pending = start
-        # Why no fsync: if this line is lost the batch's bytes are at worst kept as
-        # if another program had appended them; see the README's Guarantees.
+        # Why no fsync: against a process crash the page cache is enough; against a
+        # power cut, losing this line at worst keeps the batch's bytes as if another
+        # program had appended them (see the README's Guarantees).
         self._save_state(sync=False)
 
-    def _commit(self, number: int, size: int) -> None:
+    def _commit(self, size: int) -> None:
         """Record the batch as stored (the commit marker's second half)."""
-        before = self._state.number, self._state.size
-        self._state.number, self._state.size, self._state.pending = number, size, -1
-        try:
-            self._save_state(sync=True)
-        except OSError:
-            # Why: a state update that did not reach the disk commits nothing; the
-            # caller cuts the batch back, so the old number and length must stand.
-            self._state.number, self._state.size = before
-            raise
+        self._state.size, self._state.pending = size, -1
+        self._save_state(sync=True)
 
-    def _roll_back(self, start: int) -> None:
+    def _roll_back(self, start: int, number: int) -> None:
+        """Cut the mailbox back to ``start`` and the last number back to ``number``."""
         try:
             os.ftruncate(self._fd, start)
             self._fsync(self._fd)
         except OSError:
             log.critical("cannot cut %s back to %d bytes", self.path, start, exc_info=True)
-        self._state.pending = -1
+        self._state.number, self._state.size, self._state.pending = number, start, -1
         try:
             self._save_state(sync=True)
         except OSError:
@@ -312,28 +313,35 @@ class FileStore:
         self._state = saved
         if saved.pending < 0:
             return
+        # A batch was being written when the process died. Its numbers stay reserved
+        # (a reader may have seen them), and its bytes, whole or not, never got a 250.
+        self._torn = True
+        if not self._lock():
+            log.warning(
+                "mailbox %s is locked; its torn tail is removed at the next append", self.path
+            )
+            return
+        try:
+            self._repair_locked()
+        finally:
+            self._unlock()
+
+    def _repair_locked(self) -> None:
+        """Cut away what an append cut short by a crash left (the lock is held)."""
+        saved = self._state
         st = os.fstat(self._fd)
         if (st.st_dev, st.st_ino) == (saved.dev, saved.ino) and st.st_size > saved.pending:
-            if not self._lock():
-                log.warning(
-                    "mailbox %s is locked; its torn tail stays until the next start", self.path
-                )
-                return
-            try:
-                size = os.fstat(self._fd).st_size
-                if size > saved.pending:
-                    os.ftruncate(self._fd, saved.pending)
-                    self._fsync(self._fd)
-                    log.warning(
-                        "removed a torn tail of %d bytes from %s (an append cut short by a crash)",
-                        size - saved.pending,
-                        self.path,
-                    )
-            finally:
-                self._unlock()
+            os.ftruncate(self._fd, saved.pending)
+            self._fsync(self._fd)
+            log.warning(
+                "removed a torn tail of %d bytes from %s (an append cut short by a crash)",
+                st.st_size - saved.pending,
+                self.path,
+            )
         self._state.pending = -1
         self._state.size = os.fstat(self._fd).st_size
         self._save_state(sync=True)
+        self._torn = False
 
     def _scan_last_number(self) -> int:
         """The largest record number near the end of the mailbox (0 if none).

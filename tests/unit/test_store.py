@@ -241,9 +241,11 @@ def test_torn_tail_left_by_a_crash_is_removed_and_logged(
     [warning] = [r for r in caplog.records if r.name == "selsmtp.store"]
     assert warning.levelno == logging.WARNING
     assert "torn tail" in warning.getMessage()
-    assert mailbox_store.last_number == 1
-    assert mailbox_store.try_append([deliver()]) == [2]
-    assert mailbox.read_bytes() == record(1) + record(2)
+    # The cut-off batch's number stays reserved: a reader may have seen its record
+    # while the server was down, so it is never given to another message.
+    assert mailbox_store.last_number == 2
+    assert mailbox_store.try_append([deliver()]) == [3]
+    assert mailbox.read_bytes() == record(1) + record(3)
 
 
 def test_foreign_bytes_with_no_batch_pending_are_kept(
@@ -587,6 +589,35 @@ def test_lock_held_by_a_reader_makes_try_append_return_none(
 
     assert mailbox_store.try_append([deliver()]) == [2]
     assert mailbox.read_bytes() == record(1) + record(2)
+
+
+def test_torn_tail_found_while_a_reader_holds_the_lock_is_removed_at_the_next_append(
+    open_store: OpenStore, mailbox: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    child = multiprocessing.get_context("spawn").Process(
+        target=_crash_in_the_middle_of_an_append, args=(str(mailbox),)
+    )
+    child.start()
+    child.join(WAIT)
+    assert child.exitcode == 3
+    torn = mailbox.read_bytes()
+    assert len(torn) > len(record(1))
+    context = multiprocessing.get_context("spawn")
+    locked, release = context.Event(), context.Event()
+    reader = context.Process(target=_hold_shared_lock, args=(str(mailbox), locked, release))
+    reader.start()
+    try:
+        assert locked.wait(WAIT)
+        with caplog.at_level(logging.WARNING, logger="selsmtp.store"):
+            mailbox_store = open_store()  # cannot repair under the reader's lock
+        assert mailbox.read_bytes() == torn
+        assert "next append" in caplog.text
+    finally:
+        release.set()
+        reader.join(WAIT)
+
+    assert mailbox_store.try_append([deliver()]) == [3]
+    assert mailbox.read_bytes() == record(1) + record(3)
 
 
 def test_the_lock_is_released_after_each_append(open_store: OpenStore, mailbox: Path) -> None:
