@@ -26,8 +26,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("selsmtp.connection")
 
-#: bytes asked of the kernel per recv
-RECV_SIZE: Final = 256 * 1024
+#: bytes asked of the kernel per recv while reading message data
+RECV_DATA: Final = 256 * 1024
+#: ... and while reading commands. Why smaller: a turn serves one recv per client,
+#: and 16 KiB of pipelined one-word commands already costs a few milliseconds of
+#: replies, which is how long every other client waits on this one (SPEC §4.4).
+RECV_COMMANDS: Final = 16 * 1024
 NEVER: Final = math.inf
 
 
@@ -82,7 +86,7 @@ class Connection:
             self._send()
         if mask & selectors.EVENT_READ and self.sock is not None:
             try:
-                data = self.sock.recv(RECV_SIZE)
+                data = self.sock.recv(RECV_DATA if self.session.reading_data else RECV_COMMANDS)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:

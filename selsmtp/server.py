@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import heapq
 import itertools
 import logging
+import math
 import selectors
 import socket
 import tempfile
@@ -48,7 +50,7 @@ from typing import Final
 from selsmtp import replies
 from selsmtp.config import Config
 from selsmtp.connection import NEVER, Connection
-from selsmtp.session import Deliver, Session
+from selsmtp.session import Action, Deliver, Session
 from selsmtp.store import FileStore, StoreError
 
 log = logging.getLogger("selsmtp.server")
@@ -62,6 +64,8 @@ LOCK_RETRY_MIN: Final = 0.001
 LOCK_RETRY_MAX: Final = 0.02
 #: after running out of descriptors, listen again after this long at the latest
 ACCEPT_PAUSE: Final = 1.0
+#: at most one log line per this many seconds about refused connections
+REFUSAL_LOG_INTERVAL: Final = 1.0
 #: seconds after shutdown begins that connections still open are dropped
 SHUTDOWN_GRACE: Final = 2.0
 #: the deadline heap is rebuilt once it holds more than this many entries of closed
@@ -147,6 +151,8 @@ class Server:
         self._lock_retry_at = 0.0
         self._lock_retry_delay = LOCK_RETRY_MIN
         self._accept_paused_until: float | None = None
+        self._refused = 0  # connections refused since the last log line about them
+        self._refused_logged_at = -math.inf
         self._stop_requested = False
         self._stopping_since: float | None = None
         self.stopped = False
@@ -185,10 +191,23 @@ class Server:
     def _crashed(self, callback: Callback, now: float) -> None:
         conn = getattr(callback, "__self__", None)
         if isinstance(conn, Connection):
-            log.exception("bug while serving %s; closing that connection", conn.peer)
-            conn.close("internal error")
+            self._close_after_bug(conn)
         else:
             log.exception("bug in the server loop")
+
+    @staticmethod
+    def _close_after_bug(conn: Connection) -> None:
+        # G6: an exception out of a session or connection is a bug. It costs that
+        # client its connection (with the traceback in the log), never the server.
+        log.exception("bug while serving %s; closing that connection", conn.peer)
+        conn.close("internal error")
+
+    def _resolve(self, conn: Connection, step: Callable[[], list[Action]], now: float) -> None:
+        """Apply ``step()``'s actions to ``conn``, containing any bug to that connection."""
+        try:
+            conn.apply(step(), now)
+        except Exception:
+            self._close_after_bug(conn)
 
     def _next_timeout(self, now: float) -> float | None:
         if self._stop_requested and self._stopping_since is None:
@@ -227,7 +246,7 @@ class Server:
         self._stopping_since = now
         self._close_listener()
         for conn in list(self.connections):
-            conn.apply(conn.session.shut_down(), now)
+            self._resolve(conn, conn.session.shut_down, now)
 
     def _maintain(self, now: float) -> None:
         if self._dead_deadlines > COMPACT_MIN and 2 * self._dead_deadlines > len(self._deadlines):
@@ -289,7 +308,7 @@ class Server:
                 return
             peer = format_address(address)
             if len(self.connections) >= self.config.max_connections:
-                log.warning("refused %s: %d connections already", peer, len(self.connections))
+                self._refuse_connection(peer, now)
                 with contextlib.suppress(OSError):
                     sock.setblocking(False)
                     sock.send(self._named.too_many_connections.wire)
@@ -303,6 +322,19 @@ class Server:
             log.debug("connection from %s", peer)
             conn.start(now)
             self.watch_deadline(conn)
+
+    def _refuse_connection(self, peer: str, now: float) -> None:
+        # Why rate-limited: a storm of connections must not become a storm of log lines.
+        self._refused += 1
+        if now - self._refused_logged_at >= REFUSAL_LOG_INTERVAL:
+            log.warning(
+                "refused %d connection%s (latest from %s): %d connections already",
+                self._refused,
+                "" if self._refused == 1 else "s",
+                peer,
+                len(self.connections),
+            )
+            self._refused, self._refused_logged_at = 0, now
 
     def _pause_accepting(self, now: float, exc: OSError) -> None:
         # Why: the listener stays readable while the backlog is full, so a
@@ -371,7 +403,10 @@ class Server:
                 continue
             if conn.deadline <= now:
                 log.info("%s: no complete line in %.0f s", conn.peer, self.config.timeout)
-                conn.timed_out(now)
+                try:
+                    conn.timed_out(now)
+                except Exception:
+                    self._close_after_bug(conn)
             else:
                 self.watch_deadline(conn)  # moved later since it was pushed
 
@@ -385,6 +420,10 @@ class Server:
             numbers = self.store.try_append([waiting.deliver for waiting in batch])
         except StoreError as exc:
             log.error("%s; %d messages refused with 451", exc, len(batch))
+            self._refuse_waiting(batch, replies.WRITE_ERROR, now)
+            return
+        except Exception:
+            log.exception("bug in the store; %d messages refused with 451", len(batch))
             self._refuse_waiting(batch, replies.WRITE_ERROR, now)
             return
         if numbers is None:
@@ -406,7 +445,7 @@ class Server:
                 "" if len(envelope.forward_paths) == 1 else "s",
                 conn.peer,
             )
-            conn.apply(conn.session.delivered(number), now)
+            self._resolve(conn, functools.partial(conn.session.delivered, number), now)
 
     def _lock_busy(self, batch: list[_Waiting], now: float) -> None:
         """The mailbox is locked by another process: wait, but not forever."""
@@ -426,7 +465,8 @@ class Server:
     def _refuse_waiting(self, batch: list[_Waiting], reply: replies.Reply, now: float) -> None:
         for waiting in batch:
             self._release(waiting)
-            waiting.conn.apply(waiting.conn.session.delivery_failed(reply), now)
+            session = waiting.conn.session
+            self._resolve(waiting.conn, functools.partial(session.delivery_failed, reply), now)
 
     @staticmethod
     def _release(waiting: _Waiting) -> None:

@@ -193,6 +193,11 @@ class Session:
         return self.state is State.DELIVERING
 
     @property
+    def reading_data(self) -> bool:
+        """True between 354 and the end-of-data line."""
+        return self.state is State.DATA
+
+    @property
     def closed(self) -> bool:
         return self.state is State.CLOSED
 
