@@ -87,7 +87,9 @@ class DataReader:
 
     At most ``max_size`` bytes (after unstuffing, CRLFs included) are kept; past that
     the reader goes on looking for the end but drops the data (:attr:`too_big`).
-    Past ``spool_threshold`` bytes the data moves to a file from ``new_spool``.
+    Past ``spool_threshold`` bytes the data moves to a file from ``new_spool``; if that
+    file cannot be made or written, the reader drops the data and reads on
+    (:attr:`spool_failed`).
     """
 
     __slots__ = (
@@ -99,6 +101,7 @@ class DataReader:
         "_spool",
         "_spool_threshold",
         "size",
+        "spool_failed",
         "too_big",
     )
 
@@ -118,6 +121,8 @@ class DataReader:
         self._spool: BinaryIO | None = None
         self.size = 0
         self.too_big = False
+        #: the spool file could not be made or written; the message is lost (451)
+        self.spool_failed = False
 
     def feed(self, data: bytes) -> bytes | None:
         """Consume ``data``. Returns ``None`` while the message goes on, or, once the
@@ -161,23 +166,39 @@ class DataReader:
                 self._spool.close()
                 self._spool = None
             return
-        if self._spool is not None:
-            self._spool.write(piece)
-        elif self._new_spool is not None and self.size > self._spool_threshold:
-            self._spool = self._new_spool()
-            for chunk in self._chunks:
-                self._spool.write(chunk)
-            self._spool.write(piece)
-            self._chunks = []
-        else:
-            self._chunks.append(piece)
+        if self.spool_failed:
+            return
+        try:
+            if self._spool is not None:
+                self._spool.write(piece)
+            elif self._new_spool is not None and self.size > self._spool_threshold:
+                self._spool = self._new_spool()
+                for chunk in self._chunks:
+                    self._spool.write(chunk)
+                self._spool.write(piece)
+                self._chunks = []
+            else:
+                self._chunks.append(piece)
+        except OSError:
+            # Why: no descriptor or no room for the spool file. The message cannot be
+            # kept, but the client must still be read to its end and told (451).
+            self.spool_failed = True
+            self.discard()
 
-    def body(self) -> Body:
-        """The finished message (call once, after :meth:`feed` returned non-``None``)."""
+    def body(self) -> Body | None:
+        """The finished message (call once, after :meth:`feed` returned non-``None``),
+        or ``None`` if it could not be kept (:attr:`spool_failed`)."""
         if self._spool is not None:
-            self._spool.flush()
-            self._spool.seek(0)
+            try:
+                self._spool.flush()
+                self._spool.seek(0)
+            except OSError:
+                self.spool_failed = True
+                self.discard()
+                return None
             return self._spool
+        if self.spool_failed:
+            return None
         return b"".join(self._chunks)
 
     def discard(self) -> None:

@@ -275,8 +275,13 @@ class Session:
         assert self.reverse_path is not None
         envelope = Envelope(self.helo_name, self.reverse_path, tuple(self.forward_paths))
         self._reset_transaction()
+        body = reader.body()
+        if body is None:  # its spool file failed: out of descriptors or disk
+            self.state = State.READY
+            self._answer(out, replies.WRITE_ERROR)
+            return
         self.state = State.DELIVERING
-        out.append(Deliver(envelope, reader.body()))
+        out.append(Deliver(envelope, body))
 
     def _resume(self, reply: Reply) -> list[Action]:
         if self.state is not State.DELIVERING:

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import re
-import select
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +13,8 @@ import pytest
 from .conftest import (
     HELO,
     NAME,
-    REPO_ROOT,
     WAIT,
     LockHolder,
-    WireClient,
     checked_body,
     delivered,
     greeting,
@@ -29,96 +22,11 @@ from .conftest import (
     to_wire,
     transaction,
 )
+from .processes import SelsmtpProcess, run_selsmtp
 
 pytestmark = pytest.mark.timeout(60)
 
-LISTENING = re.compile(r"selsmtp listening on (127\.0\.0\.1|\[::1\]):(\d+)\n")
 SHUTTING_DOWN = f"421 4.3.2 {NAME} Service shutting down\r\n".encode()
-
-
-def selsmtp_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "selsmtp", *args]
-
-
-#: runs ``python -m selsmtp ARGS...`` with its file size limit (RLIMIT_FSIZE) set to
-#: the first argument: past it, writes fail with EFBIG as on a full disk (CPython
-#: ignores SIGXFSZ, so the write fails instead of the process being killed)
-FSIZE_PRELUDE = """\
-import resource, runpy, sys
-limit = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-sys.argv = ["selsmtp", *sys.argv[2:]]
-runpy.run_module("selsmtp", run_name="__main__", alter_sys=True)
-"""
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    env.pop("PYTHONWARNINGS", None)
-    return env
-
-
-def run_selsmtp(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run selsmtp to completion (for start-up failures)."""
-    return subprocess.run(
-        selsmtp_command(*args),
-        cwd=REPO_ROOT,
-        env=child_env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
-    )
-
-
-class SelsmtpProcess:
-    """A running ``python -m selsmtp --port 0`` and the address it announced."""
-
-    def __init__(self, mailbox: Path, *args: str, file_size_limit: int | None = None) -> None:
-        self.mailbox = mailbox
-        args = ("--port", "0", "--mailbox", str(mailbox), "--name", NAME, *args)
-        if file_size_limit is None:
-            command = selsmtp_command(*args)
-        else:
-            command = [sys.executable, "-c", FSIZE_PRELUDE, str(file_size_limit), *args]
-        self.proc = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env=child_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        assert self.proc.stdout is not None
-        readable, _, _ = select.select([self.proc.stdout], [], [], WAIT)
-        assert readable, "selsmtp printed nothing"
-        self.first_line = self.proc.stdout.readline().decode()
-        match = LISTENING.fullmatch(self.first_line)
-        assert match, f"unexpected first line {self.first_line!r}"
-        self.host = match[1].strip("[]")
-        self.port = int(match[2])
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    def connect(self) -> WireClient:
-        return WireClient(self.address)
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def wait(self) -> tuple[int, str, str]:
-        """Wait for the exit; return its code, the rest of stdout and all of stderr."""
-        out, err = self.proc.communicate(timeout=WAIT)
-        return self.proc.returncode, out.decode(), err.decode()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate()
 
 
 @pytest.fixture
@@ -128,7 +36,8 @@ def launch(tmp_path: Path) -> Iterator[type[SelsmtpProcess]]:
 
     class Launch(SelsmtpProcess):
         def __init__(self, mailbox: Path, *args: str, file_size_limit: int | None = None) -> None:
-            super().__init__(mailbox, *args, file_size_limit=file_size_limit)
+            limits = None if file_size_limit is None else {"RLIMIT_FSIZE": file_size_limit}
+            super().__init__(mailbox, *args, rlimits=limits)
             started.append(self)
 
     yield Launch

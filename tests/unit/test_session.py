@@ -9,6 +9,7 @@ messages or the final state depend on the split.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import BinaryIO
 
 import pytest
@@ -561,6 +562,33 @@ def test_ending_a_session_mid_message_closes_its_spool(make_session: MakeSession
     assert [spool.closed for spool in spools] == [False]
     getattr(session, end)()
     assert [spool.closed for spool in spools] == [True]
+
+
+class FailingSpool(io.BytesIO):
+    """A spool file on a full disk: every write fails."""
+
+    def write(self, data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+
+def _no_descriptors() -> BinaryIO:
+    raise OSError(24, "Too many open files")
+
+
+@pytest.mark.parametrize(
+    "new_spool", [FailingSpool, _no_descriptors], ids=["disk-full", "no-descriptors"]
+)
+def test_a_spool_that_fails_is_451_and_the_session_goes_on(
+    make_session: MakeSession, new_spool: Callable[[], BinaryIO]
+) -> None:
+    outcome = transcript(
+        lambda: make_session(new_spool=new_spool, spool_threshold=16),
+        ENVELOPE + b"DATA\r\n" + b"spooled line\r\n" * 10 + b".\r\nNOOP\r\n",
+    )
+    assert outcome.output.endswith(
+        GO_AHEAD + b"451 4.3.0 Error: queue file write error\r\n250 2.0.0 Ok\r\n"
+    )
+    assert outcome.messages == []
 
 
 # -- pausing while a message is stored ----------------------------------------------
