@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from selsmtp import __version__
-from selsmtp.config import FORMATS, Config
+from selsmtp.config import FORMATS, ROTATING_FORMATS, Config
 from selsmtp.server import Server, format_address
 from selsmtp.store import StartupError
 
@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=8765,
         help="TCP port; 0 picks a free one (default: %(default)s)",
     )
-    add("--mailbox", default="./mailbox", help="where messages go (default: %(default)s)")
+    add(
+        "--mailbox",
+        default="./mailbox",
+        help="the mailbox file, or folder for maildir (default: %(default)s)",
+    )
     add("--format", choices=FORMATS, default="cs4410", help="mailbox format (default: %(default)s)")
     add("--name", default=None, help="server name in replies (default: the short host name)")
     add(
@@ -92,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=None,
         metavar="N",
-        help="rotate the mailbox file after every N messages (default: never)",
+        help="cs4410 and mbox: after every N messages, rename the mailbox file to "
+        "MAILBOX.A-B and start a new one (default: never)",
     )
     add(
         "--log-level",
@@ -126,18 +131,15 @@ def fit_connections(wanted: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.rotate is not None:
-        print("selsmtp: --rotate is not supported yet", file=sys.stderr)
-        return 1
-    if args.format != "cs4410":
-        print(f"selsmtp: --format {args.format} is not supported yet", file=sys.stderr)
-        return 1
+    if args.rotate is not None and args.format not in ROTATING_FORMATS:
+        parser.error(f"--rotate applies to the {' and '.join(ROTATING_FORMATS)} formats only")
     config = Config(
         host=args.host,
         port=args.port,
@@ -148,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_message_size=args.max_message_size,
         max_recipients=args.max_recipients,
         max_connections=fit_connections(args.max_connections),
+        rotate=args.rotate,
         log_level=args.log_level,
         lock_wait=args.lock_wait,
         fsync=not args.no_fsync,

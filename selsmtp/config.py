@@ -6,6 +6,8 @@ import dataclasses
 from typing import Final
 
 FORMATS: Final = ("cs4410", "mbox", "maildir")
+#: the formats that keep their messages in one file, which --rotate renames
+ROTATING_FORMATS: Final = ("cs4410", "mbox")
 
 #: RFC 5321 §4.5.3.1.4: a command line is at most 512 octets, CRLF included.
 MAX_COMMAND_LINE: Final = 512
@@ -25,7 +27,8 @@ class Config:
     max_message_size: int = 33_554_432
     max_recipients: int = 1000
     max_connections: int = 1000
-    #: after every N messages, rotate the mailbox file (None: never)
+    #: after every N messages, rename the mailbox file to PATH.A-B (None: never;
+    #: file formats only)
     rotate: int | None = None
     log_level: str = "info"
     #: error replies after which a session is closed with 421
@@ -51,3 +54,5 @@ class Config:
             raise ValueError("timeout must be positive")
         if self.rotate is not None and self.rotate < 1:
             raise ValueError("rotate must be at least 1")
+        if self.rotate is not None and self.format not in ROTATING_FORMATS:
+            raise ValueError(f"rotate applies to the {' and '.join(ROTATING_FORMATS)} formats only")

@@ -140,11 +140,20 @@ class Connection:
         self._update()
 
     def _update(self) -> None:
-        """Close if done, else make the selector watch what our state calls for."""
+        """Close if done, else have the selector's interest brought up to date."""
         if self.sock is None:
             return
         if not self.out and (self.closing or (self.eof and not self.session.paused)):
             self.close("quit" if self.closing else "client closed")
+            return
+        # Why deferred to the end of the turn: a message finished in this turn is
+        # stored at its end, so the pause it causes is usually over by then and the
+        # interest has not changed at all: no epoll_ctl calls for it.
+        self._server.dirty.add(self)
+
+    def refresh_interest(self) -> None:
+        """Make the selector watch what our state calls for now (end of a loop turn)."""
+        if self.sock is None:
             return
         events = 0
         if not (

@@ -4,12 +4,37 @@ A record is rendered as a list of byte strings ("pieces") so the store can hand 
 whole group-committed batch to one ``writev`` without joining it first. A message
 spooled to a temporary file is rendered lazily, one chunk at a time, so that a large
 message never has to sit in memory whole.
+
+Three formats (SPEC §5):
+
+``cs4410``
+    selsmtp's own record: envelope lines, a blank line, the body, a blank line.
+``mbox``
+    the mboxrd variant: a ``From SENDER DATE`` separator line, the message, a blank
+    line. A message line that matches ``>*From `` gets one more ``>`` (so a reader
+    that strips one ``>`` from such lines gets the message back exactly, and a real
+    separator can never be forged by a body).
+``maildir``
+    one file per message: the message as it is.
+
+In ``mbox`` and ``maildir`` the message is the client's bytes, CRLF turned into LF,
+under three header lines selsmtp adds (:func:`trace_header`): ``Return-Path:``,
+``Received:`` and ``X-Selsmtp-Number:``.
+
+Dates are UTC, always: the From_ line has ``time.asctime(time.gmtime(now))``'s form and
+the ``Received:`` line an RFC 5322 date with ``+0000``. Local time would make a
+mailbox depend on the TZ of the process that wrote it, and the stored bytes on
+something the tests cannot pass in. The time itself is an argument (``now``, seconds
+since the epoch): this module reads no clock.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from email.utils import format_datetime
 from typing import Final
 
 from selsmtp.framing import Body
@@ -20,6 +45,24 @@ CHUNK: Final = 1 << 20
 
 #: Finds a cs4410 record's number: the second header line of every record.
 CS4410_NUMBER: Final = re.compile(rb"\(CS4410MP3\)\nNumber: (\d+)\n")
+
+_TRACE: Final = (
+    rb"Return-Path: [^\n]*\nReceived: [^\n]*\n(?:[ \t][^\n]*\n)*X-Selsmtp-Number: (\d+)\n"
+)
+#: Finds an mbox message's number. Exact, not a guess: with mboxrd quoting, a line
+#: that starts with ``From `` is always a separator, never message text.
+MBOX_NUMBER: Final = re.compile(rb"(?m)^From [^\n]*\n" + _TRACE)
+#: Finds the number at the top of a Maildir message file.
+MAILDIR_NUMBER: Final = re.compile(rb"\A" + _TRACE)
+
+#: mboxrd: a line that starts with any number of ``>`` and then ``From `` is quoted.
+FROM_LINE: Final = re.compile(rb"(?m)^>*From ")
+#: The start of a line (its end not seen yet) that may still turn out to be one.
+_MAYBE_FROM_LINE: Final = re.compile(rb">*(F|Fr|Fro|From)?")
+
+#: English names, whatever the locale (as asctime and RFC 5322 want), three letters each
+_WEEKDAYS: Final = "MonTueWedThuFriSatSun"
+_MONTHS: Final = "JanFebMarAprMayJunJulAugSepOctNovDec"
 
 
 def lf_lines(body: Body) -> Iterator[bytes]:
@@ -59,3 +102,83 @@ def cs4410_record(number: int, envelope: Envelope, body: Body, server_name: str)
     yield cs4410_header(number, envelope, server_name)
     yield from lf_lines(body)
     yield b"\n"
+
+
+# -- mbox and maildir --------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def dates(now: float) -> tuple[str, str]:
+    """``now`` (seconds since the epoch) in UTC as an asctime date for the From_ line
+    and as an RFC 5322 date for ``Received:``. Cached: a batch shares one ``now``."""
+    moment = datetime.fromtimestamp(int(now), timezone.utc)
+    day = _WEEKDAYS[3 * moment.weekday() :][:3]
+    month = _MONTHS[3 * moment.month - 3 :][:3]
+    asctime = f"{day} {month} {moment.day:2d} {moment:%H:%M:%S} {moment.year}"
+    return asctime, format_datetime(moment)
+
+
+def trace_header(number: int, envelope: Envelope, server_name: str, now: float) -> bytes:
+    """The header lines selsmtp puts above the client's message (SPEC §5.2)."""
+    return (
+        f"Return-Path: <{envelope.reverse_path}>\n"
+        f"Received: from {envelope.helo_name} by {server_name} (CS4410MP3);\n"
+        f"\t{dates(now)[1]}\n"
+        f"X-Selsmtp-Number: {number}\n"
+    ).encode()
+
+
+def quote_from_lines(pieces: Iterable[bytes]) -> Iterator[bytes]:
+    """mboxrd quoting: one more ``>`` before every line that matches ``>*From ``.
+
+    Lines may be split between pieces anywhere. Adding the ``>`` at the end of a
+    line's leading run of ``>`` is the same as adding it at its start, so the run is
+    passed on at once and only a partial ``From`` (four bytes at most) is held back.
+    """
+    held = b""
+    at_line_start = True  # the current line so far is only ">" (or nothing)
+    for piece in pieces:
+        text, held = held + piece, b""
+        if not at_line_start:
+            end = text.find(b"\n") + 1
+            if not end:
+                yield text
+                continue
+            yield text[:end]
+            text = text[end:]
+        quoted = FROM_LINE.sub(rb">\g<0>", text)
+        maybe = _MAYBE_FROM_LINE.fullmatch(text, text.rfind(b"\n") + 1)
+        at_line_start = maybe is not None
+        if maybe and maybe.group(1):
+            held = maybe.group(1)
+            quoted = quoted[: -len(held)]
+        yield quoted
+    yield held
+
+
+def mbox_record(
+    number: int, envelope: Envelope, body: Body, server_name: str, now: float
+) -> Iterator[bytes]:
+    """One mboxrd message: From_ line, trace header, the quoted message, a blank line.
+
+    A message that does not end with a line end gets one (the blank line must be a
+    line of its own); SMTP messages always end with one.
+    """
+    sender = envelope.reverse_path or "MAILER-DAEMON"
+    yield f"From {sender} {dates(now)[0]}\n".encode() + trace_header(
+        number, envelope, server_name, now
+    )
+    last = b"\n"
+    for piece in quote_from_lines(lf_lines(body)):
+        if piece:
+            last = piece[-1:]
+            yield piece
+    yield b"\n" if last == b"\n" else b"\n\n"
+
+
+def maildir_message(
+    number: int, envelope: Envelope, body: Body, server_name: str, now: float
+) -> Iterator[bytes]:
+    """One Maildir message file: the trace header, then the message with LF line ends."""
+    yield trace_header(number, envelope, server_name, now)
+    yield from lf_lines(body)

@@ -51,7 +51,7 @@ from selsmtp import replies
 from selsmtp.config import Config
 from selsmtp.connection import NEVER, Connection
 from selsmtp.session import Action, Deliver, Session
-from selsmtp.store import FileStore, StoreError
+from selsmtp.store import Store, StoreError, open_store
 
 log = logging.getLogger("selsmtp.server")
 
@@ -120,7 +120,7 @@ class Server:
         self,
         config: Config,
         *,
-        store: FileStore | None = None,
+        store: Store | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
@@ -131,9 +131,7 @@ class Server:
         self.address = format_address(self._listener.getsockname())
         try:
             if store is None:
-                from selsmtp.store import cs4410_renderer
-
-                store = FileStore(config.mailbox, cs4410_renderer(config.name), fsync=config.fsync)
+                store = open_store(config)
         except BaseException:
             self._listener.close()
             raise
@@ -144,6 +142,10 @@ class Server:
         self._selector.register(self._listener, selectors.EVENT_READ, self._on_listener)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self.connections: set[Connection] = set()
+        #: connections whose selector interest may have changed in this turn
+        self.dirty: set[Connection] = set()
+        #: called at the end of every loop turn (the command line flushes its logs here)
+        self.after_turn: Callable[[], None] | None = None
         self._deadlines: list[tuple[float, int, Connection]] = []
         self._dead_deadlines = 0  # entries in the heap whose connection is closed
         self._sequence = itertools.count()
@@ -187,6 +189,11 @@ class Server:
         self._flush_deliveries(now)
         self._expire_deadlines(now)
         self._maintain(now)
+        dirty = self.dirty
+        while dirty:
+            dirty.pop().refresh_interest()
+        if self.after_turn is not None:
+            self.after_turn()
 
     def _crashed(self, callback: Callback, now: float) -> None:
         conn = getattr(callback, "__self__", None)

@@ -1,4 +1,4 @@
-"""The mailbox on disk: locked, group-committed, durable appends.
+"""The mailbox file: locked, group-committed, durable appends, and rotation.
 
 Theory of operation
 -------------------
@@ -23,126 +23,123 @@ left for a reader to see, and nothing is acknowledged.
 
 The state file
 --------------
-``PATH.selsmtp`` holds one short line: the last number given out, the mailbox length
-after the last commit, the identity (device, inode) of that file, and, while a batch
-is being written, the offset it started at. It makes numbers continue across
-restarts without reading the mailbox, and it is the commit marker of SPEC §5.5: at
-start-up, bytes past the committed length of a batch that was being written when
-the process died are a torn tail and are removed. Bytes past it with no batch
-in progress were appended by another program under the lock and are kept. A reader
-that empties the mailbox (movemail) or renames it away needs no help from us: the
-next batch sees the new length or the new file, and the numbers go on.
+``PATH.selsmtp`` (:class:`~selsmtp.durable.StateFile`) holds one short line: the last
+number given out, the mailbox length after the last commit, the identity (device,
+inode) of that file, the first number selsmtp wrote into it, and, while a batch is
+being written, the offset it started at. It makes numbers continue across restarts
+without reading the mailbox, and it is the commit marker of SPEC §5.5: at start-up,
+bytes past the start of a batch that was being written when the process died are a
+torn tail and are removed. Bytes past the committed length with no batch in progress
+were appended by another program under the lock and are kept. A reader that empties
+the mailbox (movemail) or renames it away needs no help from us: the next batch sees
+the new length or the new file, and the numbers go on.
+
+Rotation
+--------
+With ``rotate=N``, a batch that crosses a multiple of N is split there: each part is
+committed (steps 3-4) into its own file, and between the parts the file is renamed to
+``PATH.A-B`` and a new one begins, under the lock (:mod:`selsmtp.rotation` has the
+policy and the crash analysis). If a later part fails, the parts already committed
+are cut back too, so a batch is stored whole or not at all; their numbers stay
+reserved, as a rotated file's name already covers them.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import logging
 import os
-import zlib
+import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final
 
-from selsmtp import formats
+from selsmtp import formats, rotation
+from selsmtp.config import Config
+from selsmtp.durable import (
+    MAX_IOV,
+    WRITE_CHUNK,
+    Fsync,
+    StartupError,
+    State,
+    StateFile,
+    Store,
+    StoreError,
+    fsync_directory,
+    same_file,
+    write_all,
+    write_pieces,
+)
+from selsmtp.maildir import MaildirStore
 from selsmtp.session import Deliver
+
+__all__ = [
+    "MAX_IOV",
+    "STATE_SUFFIX",
+    "WRITE_CHUNK",
+    "FileStore",
+    "Renderer",
+    "StartupError",
+    "Store",
+    "StoreError",
+    "cs4410_renderer",
+    "fsync_directory",
+    "mbox_renderer",
+    "open_store",
+    "write_all",
+]
 
 log = logging.getLogger("selsmtp.store")
 
-#: writev takes at most IOV_MAX buffers; stay well below it.
-MAX_IOV: Final = 512
-#: a batch's pieces are written once this many bytes have gathered
-WRITE_CHUNK: Final = 4 << 20
 STATE_SUFFIX: Final = ".selsmtp"
-_STATE_MAGIC: Final = "selsmtp-state 1"
+#: the start-up scan reads chunks that overlap by this much, so a record header
+#: cut by a chunk boundary is seen whole in one of them
+SCAN_OVERLAP: Final = 8192
 
-Renderer = Callable[[int, Deliver], Iterable[bytes]]
-
-
-class StoreError(Exception):
-    """A batch could not be stored; the mailbox was left as it was before it."""
-
-
-class StartupError(Exception):
-    """The mailbox cannot be used; the message says why, in one line."""
+#: ``render(number, deliver, now)`` yields the bytes of one record
+Renderer = Callable[[int, Deliver, float], Iterable[bytes]]
 
 
-def fsync_directory(path: str) -> None:
-    """Make a new directory entry durable (a created file survives a crash)."""
-    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_all(fd: int, pieces: Sequence[bytes]) -> int:
-    """Write every piece to ``fd`` with ``writev``, looping over short writes."""
-    views = [memoryview(piece) for piece in pieces if piece]
-    total = done = 0
-    while done < len(views):
-        written = os.writev(fd, views[done : done + MAX_IOV])
-        if written <= 0:
-            raise OSError(errno.EIO, "writev wrote nothing")
-        total += written
-        while done < len(views) and written >= len(views[done]):
-            written -= len(views[done])
-            done += 1
-        if written:
-            views[done] = views[done][written:]
-    return total
-
-
-class _State:
-    """The committed state of one mailbox, as kept in its state file."""
-
-    __slots__ = ("dev", "ino", "number", "pending", "size")
-
-    def __init__(self) -> None:
-        self.number = 0  # last number given out
-        self.size = -1  # mailbox length after the last commit (-1: unknown)
-        self.dev = -1
-        self.ino = -1
-        self.pending = -1  # offset where an unfinished batch started (-1: none)
-
-    def encode(self) -> bytes:
-        text = f"{_STATE_MAGIC} {self.number} {self.size} {self.dev} {self.ino} {self.pending}"
-        return f"{text} {zlib.crc32(text.encode()):08x}\n".encode().ljust(128, b" ")
-
-    @classmethod
-    def decode(cls, data: bytes) -> _State | None:
-        text, _, crc = data.strip().decode("ascii", "replace").rpartition(" ")
-        fields = text.split(" ")
-        if (
-            not text.startswith(_STATE_MAGIC)
-            or len(fields) != 7
-            or crc != f"{zlib.crc32(text.encode()):08x}"
-        ):
-            return None
-        state = cls()
-        state.number, state.size, state.dev, state.ino, state.pending = map(int, fields[2:])
-        return state
+def _no_fsync(fd: int) -> None:
+    pass
 
 
 class FileStore:
-    """A single-file mailbox (the ``cs4410`` format) with group commit.
+    """A single-file mailbox (``cs4410`` or ``mbox``) with group commit and rotation.
 
-    ``render(number, deliver)`` yields the bytes of one record. Raises
+    ``render(number, deliver, now)`` yields the bytes of one record; ``number_pattern``
+    finds record numbers in the file when the state file is lost; ``rotate=N`` rotates
+    the file after every N numbers; ``clock`` gives ``now``, once per batch. Raises
     :class:`StartupError` if the mailbox or its state file cannot be opened.
     """
 
-    def __init__(self, path: str, render: Renderer, *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        path: str,
+        render: Renderer,
+        *,
+        fsync: bool = True,
+        rotate: int | None = None,
+        number_pattern: re.Pattern[bytes] = formats.CS4410_NUMBER,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path = os.path.abspath(path)
         self.state_path = self.path + STATE_SUFFIX
         self._render = render
-        self._fsync: Callable[[int], None] = os.fsync if fsync else (lambda fd: None)
+        self._rotate = rotate or 0
+        self._number_pattern = number_pattern
+        self._clock = clock
+        self._fsync: Fsync = os.fsync if fsync else _no_fsync
         self._fd = -1
-        self._state_fd = -1
-        self._state = _State()
+        self._retired: list[int] = []  # files rotated away in this batch (still locked)
+        self._states: StateFile | None = None
+        self._state = State()
         self._torn = False  # a crash left a batch unfinished; repair before appending
         try:
             self._fd = self._open_mailbox()
-            self._state_fd = os.open(self.state_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._states = StateFile(self.state_path, self._fsync)
         except OSError as exc:
             self.close()
             name = exc.filename or self.path
@@ -158,15 +155,17 @@ class FileStore:
         return self._state.number
 
     def close(self) -> None:
-        for fd in (self._fd, self._state_fd):
+        for fd in [self._fd, *self._retired]:
             if fd >= 0:
                 os.close(fd)
-        self._fd = self._state_fd = -1
+        self._fd, self._retired = -1, []
+        if self._states is not None:
+            self._states.close()
 
     # -- appending ---------------------------------------------------------------
 
     def try_append(self, batch: Sequence[Deliver]) -> list[int] | None:
-        """Store every message of ``batch`` in one write and one fsync.
+        """Store every message of ``batch`` in one write and one fsync per file.
 
         Returns their numbers, in order, or ``None`` if another process holds the
         lock (nothing was done; try again later). Raises :class:`StoreError` if the
@@ -179,78 +178,140 @@ class FileStore:
         except OSError as exc:
             raise StoreError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
         try:
-            return self._append_locked(batch)
+            return self._append_locked(batch, self._clock())
         finally:
             self._unlock()
+            while self._retired:  # closing them drops their locks
+                os.close(self._retired.pop())
 
-    def _append_locked(self, batch: Sequence[Deliver]) -> list[int]:
+    def _append_locked(self, batch: Sequence[Deliver], now: float) -> list[int]:
         try:
             if self._torn:
                 self._repair_locked()
-            start = os.fstat(self._fd).st_size
         except OSError as exc:
             raise StoreError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
-        first = self._state.number + 1
-        last = first + len(batch) - 1
-        try:
-            self._begin(start, last)
-            written = self._write(first, batch)
-            self._fsync(self._fd)
-            self._commit(start + written)
-        except OSError as exc:
-            self._roll_back(start, first - 1)
-            raise StoreError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
-        return list(range(first, last + 1))
+        if self._rotation_due():
+            self._try_rotate()
+        before = self._state.copy()
+        done: list[tuple[int, int]] = []  # (descriptor, start) of each part stored
+        numbers: list[int] = []
+        while len(numbers) < len(batch):
+            size = len(batch) - len(numbers)
+            if self._rotate:  # up to the next multiple of N, where the file rotates
+                size = min(size, self._rotate - self._state.number % self._rotate)
+            try:
+                start = self._append_part(batch[len(numbers) : len(numbers) + size], now)
+            except OSError as exc:
+                if done:
+                    self._take_back(done, before)
+                raise StoreError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
+            done.append((self._fd, start))
+            numbers.extend(range(self._state.number - size + 1, self._state.number + 1))
+            if self._rotation_due():
+                self._try_rotate()
+        return numbers
 
-    def _write(self, first: int, batch: Sequence[Deliver]) -> int:
-        pieces: list[bytes] = []
-        gathered = written = 0
-        for number, deliver in enumerate(batch, first):
-            for piece in self._render(number, deliver):
-                pieces.append(piece)
-                gathered += len(piece)
-                if gathered >= WRITE_CHUNK:
-                    written += write_all(self._fd, pieces)
-                    pieces, gathered = [], 0
-        return written + write_all(self._fd, pieces)
+    def _append_part(self, part: Sequence[Deliver], now: float) -> int:
+        """Append ``part`` to the current file as one commit; return where it started.
 
-    def _begin(self, start: int, last: int) -> None:
-        """Mark a batch as started at ``start`` and reserve its numbers, up to ``last``
-        (the commit marker's first half)."""
+        Raises ``OSError``; the file and the numbers are then as they were."""
         st = os.fstat(self._fd)
-        self._state.number = last
-        self._state.size = start
-        self._state.dev, self._state.ino = st.st_dev, st.st_ino
-        self._state.pending = start
-        # Why no fsync: against a process crash the page cache is enough; against a
-        # power cut, losing this line at worst keeps the batch's bytes as if another
-        # program had appended them (see the README's Guarantees).
-        self._save_state(sync=False)
+        start = st.st_size
+        state = self._state
+        number, first = state.number, state.first
+        try:
+            # The first half of the commit marker: the batch started at ``start``, and
+            # its numbers are reserved. Why no fsync: against a process crash the page
+            # cache is enough; against a power cut, losing this line at worst keeps
+            # the batch's bytes as if another program had appended them (see the
+            # README's Guarantees).
+            state.dev, state.ino, state.size, state.pending = st.st_dev, st.st_ino, start, start
+            state.number = number + len(part)
+            if state.first < 0:
+                state.first = number + 1
+            self._save_state(sync=False)
+            written = self._write(number + 1, part, now)
+            self._fsync(self._fd)
+            state.size, state.pending = start + written, -1  # the second half
+            self._save_state(sync=True)
+        except OSError:
+            self._roll_back(start, number, first)
+            raise
+        return start
 
-    def _commit(self, size: int) -> None:
-        """Record the batch as stored (the commit marker's second half)."""
-        self._state.size, self._state.pending = size, -1
-        self._save_state(sync=True)
+    def _write(self, first: int, batch: Sequence[Deliver], now: float) -> int:
+        records = (
+            self._render(number, deliver, now) for number, deliver in enumerate(batch, first)
+        )
+        return write_pieces(self._fd, itertools.chain.from_iterable(records))
 
-    def _roll_back(self, start: int, number: int) -> None:
-        """Cut the mailbox back to ``start`` and the last number back to ``number``."""
+    def _roll_back(self, start: int, number: int, first: int) -> None:
+        """Cut the file back to ``start`` and the numbers back to ``number``."""
         try:
             os.ftruncate(self._fd, start)
             self._fsync(self._fd)
         except OSError:
             log.critical("cannot cut %s back to %d bytes", self.path, start, exc_info=True)
-        self._state.number, self._state.size, self._state.pending = number, start, -1
+        state = self._state
+        state.number, state.first, state.size, state.pending = number, first, start, -1
+        self._save_state_or_log()
+
+    def _take_back(self, done: list[tuple[int, int]], before: State) -> None:
+        """A later part of a split batch failed: cut back the parts already stored."""
+        for fd, start in reversed(done):
+            try:
+                os.ftruncate(fd, start)
+                self._fsync(fd)
+            except OSError:
+                log.critical(
+                    "cannot cut a part of a failed batch out of %s", self.path, exc_info=True
+                )
+        state = self._state
+        if done[0][0] == self._fd:  # no rotation in between: as before the batch
+            state.number, state.first, state.size = before.number, before.first, done[0][1]
+        else:  # the numbers stay reserved; this file began in the batch and is empty
+            state.first, state.size = -1, 0
+        self._save_state_or_log()
+
+    def _save_state(self, *, sync: bool) -> None:
+        assert self._states is not None
+        self._states.save(self._state, sync=sync)
+
+    def _save_state_or_log(self) -> None:
         try:
             self._save_state(sync=True)
         except OSError:
             log.error("cannot update %s", self.state_path, exc_info=True)
 
-    def _save_state(self, *, sync: bool) -> None:
-        data = self._state.encode()
-        if os.pwrite(self._state_fd, data, 0) != len(data):
-            raise OSError(errno.EIO, "short write to the state file")
-        if sync:
-            self._fsync(self._state_fd)
+    # -- rotation ----------------------------------------------------------------
+
+    def _rotation_due(self) -> bool:
+        return rotation.is_due(self._rotate, self._state.first, self._state.number)
+
+    def _try_rotate(self) -> None:
+        """Rename the current file to PATH.A-B and begin a new one (the lock is held).
+
+        Never raises: a failure is logged, and the current file stays in use."""
+        state = self._state
+        target = rotation.rotated_path(self.path, state.first, state.number)
+        try:
+            fd = rotation.begin_next_file(self.path, self._fd, target)
+        except OSError as exc:
+            log.error("cannot rotate %s to %s: %s; trying again later", self.path, target, exc)
+            return
+        self._retired.append(self._fd)
+        self._fd = fd
+        log.info("rotated %s to %s", self.path, target)
+        state.first, state.size, state.pending = -1, 0, -1
+        try:
+            st = os.fstat(fd)
+            state.dev, state.ino = st.st_dev, st.st_ino
+            fsync_directory(os.path.dirname(self.path))
+            self._save_state(sync=True)
+        except OSError:
+            # The new file is in place; if this is lost, a restart sees a file that
+            # is not the state's and starts a new A for it, which is right.
+            log.error("rotated %s, but cannot record it durably", self.path, exc_info=True)
 
     # -- locking -----------------------------------------------------------------
 
@@ -265,24 +326,17 @@ class FileStore:
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
                     return False
                 raise
-            if self._holds_path():
+            if same_file(self.path, self._fd):
                 return True
             # A consumer renamed the mailbox away: follow the path, not the old file.
             log.info("mailbox %s was moved away; starting a new file", self.path)
             os.close(self._fd)  # also drops the lock on the old file
             self._fd = -1
             self._fd = self._open_mailbox()
+            self._state.first = -1  # none of our records are in the new file
 
     def _unlock(self) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN)
-
-    def _holds_path(self) -> bool:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        held = os.fstat(self._fd)
-        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
     def _open_mailbox(self) -> int:
         flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
@@ -301,16 +355,16 @@ class FileStore:
 
     def _recover(self) -> None:
         """Find the last number, and remove a torn tail left by a crash."""
-        saved = _State.decode(os.pread(self._state_fd, 256, 0))
+        assert self._states is not None
+        saved = self._states.load()
         if saved is None:
-            self._state.number = self._scan_last_number()
-            if self._state.number:
-                log.info(
-                    "no state file; the last number in %s is %d", self.path, self._state.number
-                )
-            self._save_state(sync=True)
+            self._recover_without_state()
             return
         self._state = saved
+        rotation.remove_leftovers(self.path, self._fd, saved.first, saved.number)
+        st = os.fstat(self._fd)
+        if (st.st_dev, st.st_ino) != (saved.dev, saved.ino):
+            saved.first = -1  # not the file the state knows: a new one
         if saved.pending < 0:
             return
         # A batch was being written when the process died. Its numbers stay reserved
@@ -325,6 +379,19 @@ class FileStore:
             self._repair_locked()
         finally:
             self._unlock()
+
+    def _recover_without_state(self) -> None:
+        state = self._state
+        state.number = max(self._scan_last_number(), rotation.last_rotated_number(self.path))
+        if state.number:
+            log.info("no state file; the last number of %s is %d", self.path, state.number)
+            head = os.pread(self._fd, formats.CHUNK, 0)
+            found = self._number_pattern.search(head)
+            state.first = int(found.group(1)) if found else -1
+        st = os.fstat(self._fd)
+        state.dev, state.ino, state.size = st.st_dev, st.st_ino, st.st_size
+        rotation.remove_leftovers(self.path, self._fd, state.first, state.number)
+        self._save_state(sync=True)
 
     def _repair_locked(self) -> None:
         """Cut away what an append cut short by a crash left (the lock is held)."""
@@ -351,11 +418,10 @@ class FileStore:
         """
         size = os.fstat(self._fd).st_size
         end = size
-        overlap = 64
         while end > 0:
             start = max(0, end - formats.CHUNK)
-            chunk = os.pread(self._fd, min(end + overlap, size) - start, start)
-            numbers = [int(m.group(1)) for m in formats.CS4410_NUMBER.finditer(chunk)]
+            chunk = os.pread(self._fd, min(end + SCAN_OVERLAP, size) - start, start)
+            numbers = [int(m.group(1)) for m in self._number_pattern.finditer(chunk)]
             if numbers:
                 return max(numbers)
             end = start
@@ -363,7 +429,31 @@ class FileStore:
 
 
 def cs4410_renderer(server_name: str) -> Renderer:
-    def render(number: int, deliver: Deliver) -> Iterator[bytes]:
+    def render(number: int, deliver: Deliver, now: float) -> Iterator[bytes]:
         return formats.cs4410_record(number, deliver.envelope, deliver.body, server_name)
 
     return render
+
+
+def mbox_renderer(server_name: str) -> Renderer:
+    def render(number: int, deliver: Deliver, now: float) -> Iterator[bytes]:
+        return formats.mbox_record(number, deliver.envelope, deliver.body, server_name, now)
+
+    return render
+
+
+def open_store(config: Config) -> Store:
+    """The mailbox of ``config``, in its format. Raises :class:`StartupError`."""
+    if config.format == "maildir":
+        return MaildirStore(config.mailbox, config.name, fsync=config.fsync)
+    if config.format == "mbox":
+        return FileStore(
+            config.mailbox,
+            mbox_renderer(config.name),
+            fsync=config.fsync,
+            rotate=config.rotate,
+            number_pattern=formats.MBOX_NUMBER,
+        )
+    return FileStore(
+        config.mailbox, cs4410_renderer(config.name), fsync=config.fsync, rotate=config.rotate
+    )

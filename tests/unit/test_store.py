@@ -188,8 +188,8 @@ def test_scan_reads_only_the_tail_of_a_huge_mailbox(open_store: OpenStore, mailb
 def _crash_in_the_middle_of_an_append(path: str) -> None:
     """Child process: store one message, then die while the second is half written."""
 
-    def render(number: int, message: Deliver) -> Iterator[bytes]:
-        yield from cs4410_renderer(NAME)(number, message)
+    def render(number: int, message: Deliver, now: float) -> Iterator[bytes]:
+        yield from cs4410_renderer(NAME)(number, message, now)
         if number == 2:
             yield b"x" * store.WRITE_CHUNK  # big enough to be written at once
             os._exit(3)  # a crash: no clean-up, no roll-back
@@ -367,9 +367,9 @@ def failing_renderer(after: int) -> store.Renderer:
     """cs4410, except that a body starting with FAIL raises ENOSPC after ``after`` bytes."""
     normal = cs4410_renderer(NAME)
 
-    def render(number: int, message: Deliver) -> Iterable[bytes]:
+    def render(number: int, message: Deliver, now: float) -> Iterable[bytes]:
         if not message.body.startswith(FAIL):
-            yield from normal(number, message)
+            yield from normal(number, message, now)
             return
         yield b"y" * after
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -1,0 +1,298 @@
+"""A Maildir: one file per message, written in ``tmp/``, fsync'd, renamed into ``new/``.
+
+Theory of operation
+-------------------
+A Maildir (maildir(5), and D. J. Bernstein's "Using maildir format") needs no lock:
+a message is written under a unique name in ``tmp/`` and renamed into ``new/`` only
+once it is whole and durable, so a reader (mutt, Dovecot, Python's
+``mailbox.Maildir``) never sees part of one. A batch of finished messages is stored
+by :meth:`MaildirStore.try_append` in one pass:
+
+1. reserve the batch's numbers in the state file (no fsync, as in ``FileStore``);
+2. for each message, create ``tmp/NAME`` (``O_EXCL``), write it, fsync it, close it;
+3. rename each file to ``new/NAME``;
+4. fsync ``new/`` once, which makes every rename of the batch durable;
+5. record the commit in the state file and fsync it. Only now may the caller send
+   the 250 replies.
+
+That is group commit for a Maildir: one fsync per file, one for the folder and one
+for the state, per batch. If any step fails, the batch's files are removed from
+``tmp/`` and ``new/``, its numbers are given back and :class:`StoreError` is raised.
+
+Names
+-----
+``SECONDS.MMICROSECONDSPPIDQCOUNT.HOST``, the form of maildir(5) that Python's
+``mailbox`` and many delivery agents use: the time of the batch, the process id, a
+delivery counter of this process, and the host name with ``/`` and ``:`` written as
+``\\057`` and ``\\072``. The counter makes names unique within the process; the
+process id and the time, across processes. Files are created in ``tmp/`` with
+``O_EXCL``; the rename into ``new/`` relies on that uniqueness, as every Maildir
+delivery agent does.
+
+State and crashes
+-----------------
+``PATH/.selsmtp`` is selsmtp's state line (:class:`~selsmtp.durable.StateFile`): the
+last number given out, and whether a batch was being written. Mail readers look only
+inside ``tmp/``, ``new/`` and ``cur/``. While the server runs it holds an exclusive
+``lockf`` lock on that file, so a second selsmtp on the same Maildir refuses to start
+instead of handing out the same numbers.
+
+After a crash, files in ``tmp/`` with selsmtp's names for this host were never
+acknowledged: they are removed at start-up and logged. Files of the cut-short batch
+that had already reached ``new/`` are whole; they stay, and their numbers stay
+reserved. If the state file is lost, the last number is read from the
+``X-Selsmtp-Number:`` header of every message in ``new/`` and ``cur/``: slow for a big
+Maildir, but only then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from selsmtp import formats
+from selsmtp.durable import (
+    Fsync,
+    StartupError,
+    State,
+    StateFile,
+    StoreError,
+    fsync_directory,
+    write_pieces,
+)
+from selsmtp.session import Deliver
+
+log = logging.getLogger("selsmtp.maildir")
+
+#: the state file, inside the Maildir
+STATE_NAME: Final = ".selsmtp"
+#: the start of a message file that the state-less scan reads
+HEAD_SIZE: Final = 16384
+
+
+#: deliveries made by this process: the Q of file names. One counter for every store
+#: in the process, so two stores on one folder (a restart in-process) never clash.
+_deliveries = itertools.count(1)
+
+
+def _no_fsync(fd: int) -> None:
+    pass
+
+
+def safe_host_name(host: str) -> str:
+    """``host`` as maildir(5) wants it in a file name."""
+    return host.replace("/", "\\057").replace(":", "\\072")
+
+
+class MaildirStore:
+    """A Maildir folder at ``path`` (created, with ``tmp/``, ``new/`` and ``cur/``, if
+    missing). ``clock`` gives ``now``, once per batch; ``host`` goes into file names.
+    Raises :class:`StartupError` if the folder cannot be used."""
+
+    def __init__(
+        self,
+        path: str,
+        server_name: str,
+        *,
+        fsync: bool = True,
+        clock: Callable[[], float] = time.time,
+        host: str | None = None,
+    ) -> None:
+        self.path = os.path.abspath(path)
+        self.state_path = os.path.join(self.path, STATE_NAME)
+        self._tmp = os.path.join(self.path, "tmp")
+        self._new = os.path.join(self.path, "new")
+        self._server_name = server_name
+        self._clock = clock
+        self._fsync: Fsync = os.fsync if fsync else _no_fsync
+        self._host = safe_host_name(host or socket.gethostname())
+        self._pid = os.getpid()
+        self._state = State()
+        self._states: StateFile | None = None
+        self._new_fd = -1  # new/, kept open for its fsync
+        try:
+            self._make_folders()
+            self._states = StateFile(self.state_path, self._fsync)
+            self._lock_state()
+            self._new_fd = os.open(self._new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._recover()
+        except OSError as exc:
+            self.close()
+            name = exc.filename or self.path
+            raise StartupError(f"cannot use maildir {name}: {exc.strerror or exc}") from exc
+
+    @property
+    def last_number(self) -> int:
+        return self._state.number
+
+    def close(self) -> None:
+        if self._new_fd >= 0:
+            os.close(self._new_fd)
+            self._new_fd = -1
+        if self._states is not None:
+            self._states.close()  # also drops the lock
+
+    def try_append(self, batch: Sequence[Deliver]) -> list[int]:
+        """Store each message of ``batch`` as a file in ``new/``; return their numbers.
+
+        Never ``None``: a Maildir takes no lock. Raises :class:`StoreError` if a file
+        could not be written, made durable or renamed, or the state not updated; the
+        batch's files are then gone and its numbers unused (see :meth:`_roll_back`).
+        """
+        now = self._clock()
+        state = self._state
+        first = state.number + 1
+        made: list[str] = []  # in tmp/
+        moved: list[str] = []  # in new/
+        try:
+            state.number, state.pending = first + len(batch) - 1, first
+            self._save_state(sync=False)
+            for number, deliver in enumerate(batch, first):
+                made.append(self._unique_name(now))
+                self._write_file(made[-1], number, deliver, now)
+            for name in made:
+                os.rename(os.path.join(self._tmp, name), os.path.join(self._new, name))
+                moved.append(name)
+            self._fsync(self._new_fd)
+            state.pending = -1
+            self._save_state(sync=True)
+        except OSError as exc:
+            self._roll_back(made, moved, first - 1)
+            raise StoreError(f"cannot deliver to {self.path}: {exc.strerror or exc}") from exc
+        return list(range(first, state.number + 1))
+
+    def _unique_name(self, now: float) -> str:
+        micro = int(now * 1_000_000) % 1_000_000
+        return f"{int(now)}.M{micro:06d}P{self._pid}Q{next(_deliveries)}.{self._host}"
+
+    def _write_file(self, name: str, number: int, deliver: Deliver, now: float) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(os.path.join(self._tmp, name), flags, 0o644)
+        try:
+            envelope, body = deliver.envelope, deliver.body
+            write_pieces(
+                fd, formats.maildir_message(number, envelope, body, self._server_name, now)
+            )
+            self._fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _roll_back(self, made: list[str], moved: list[str], number: int) -> None:
+        """Remove the failed batch's files and give its numbers back, unless a reader
+        already took one of them to ``cur/``: then the numbers stay used."""
+        seen = False
+        for folder, names in ((self._new, moved), (self._tmp, made[len(moved) :])):
+            for name in names:
+                try:
+                    os.unlink(os.path.join(folder, name))
+                except FileNotFoundError:
+                    seen = seen or folder == self._new
+                except OSError:
+                    log.critical("cannot remove %s of a failed delivery", name, exc_info=True)
+        if moved:
+            with contextlib.suppress(OSError):
+                self._fsync(self._new_fd)
+        if seen:
+            log.error("a reader took a message of a failed delivery before it was removed")
+        else:
+            self._state.number = number
+        self._state.pending = -1
+        try:
+            self._save_state(sync=True)
+        except OSError:
+            log.error("cannot update %s", self.state_path, exc_info=True)
+
+    def _save_state(self, *, sync: bool) -> None:
+        assert self._states is not None
+        self._states.save(self._state, sync=sync)
+
+    # -- start-up ----------------------------------------------------------------
+
+    def _make_folders(self) -> None:
+        parent = os.path.dirname(self.path)
+        for folder in (self.path, self._tmp, self._new, os.path.join(self.path, "cur")):
+            try:
+                os.mkdir(folder, 0o700)
+            except FileExistsError:
+                if not os.path.isdir(folder):
+                    raise NotADirectoryError(errno.ENOTDIR, "not a folder", folder) from None
+                continue
+            fsync_directory(parent if folder == self.path else self.path)
+
+    def _lock_state(self) -> None:
+        assert self._states is not None
+        try:
+            fcntl.lockf(self._states.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise OSError(
+                    exc.errno, "another selsmtp is delivering to it", self.state_path
+                ) from exc
+            raise
+
+    def _recover(self) -> None:
+        assert self._states is not None
+        saved = self._states.load()
+        if saved is None:
+            self._state.number = self._scan_numbers()
+            if self._state.number:
+                log.info(
+                    "no state file; the last number in %s is %d", self.path, self._state.number
+                )
+            self._save_state(sync=True)
+        else:
+            self._state = saved
+            if saved.pending >= 0:
+                log.warning(
+                    "a delivery to %s of messages %d-%d was cut short by a crash; "
+                    "those numbers stay unused",
+                    self.path,
+                    saved.pending,
+                    saved.number,
+                )
+                saved.pending = -1
+                self._save_state(sync=True)
+        self._clean_tmp()
+
+    def _clean_tmp(self) -> None:
+        """Remove the files a crash left in tmp/ (never acknowledged); leave others'."""
+        ours = re.compile(rf"\d+\.M\d{{6}}P\d+Q\d+\.{re.escape(self._host)}")
+        removed = 0
+        for name in os.listdir(self._tmp):
+            if ours.fullmatch(name):
+                os.unlink(os.path.join(self._tmp, name))
+                removed += 1
+        if removed:
+            log.warning(
+                "removed %d unfinished message files from %s (a delivery cut short by a crash)",
+                removed,
+                self._tmp,
+            )
+
+    def _scan_numbers(self) -> int:
+        """The largest X-Selsmtp-Number in new/ and cur/ (0 if none)."""
+        last = 0
+        for folder in (self._new, os.path.join(self.path, "cur")):
+            for name in os.listdir(folder):
+                if name.startswith("."):
+                    continue
+                try:
+                    fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:  # a reader moved it meanwhile
+                    continue
+                try:
+                    found = formats.MAILDIR_NUMBER.match(os.pread(fd, HEAD_SIZE, 0))
+                finally:
+                    os.close(fd)
+                if found:
+                    last = max(last, int(found.group(1)))
+        return last
