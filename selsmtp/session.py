@@ -56,6 +56,10 @@ class State(enum.Enum):
     DELIVERING = enum.auto()  #: message handed to the store; input paused
     CLOSED = enum.auto()  #: QUIT, 421 or timeout; nothing more is read
 
+    # Why: Enum's own __hash__ runs Python code; members are singletons, so identity
+    # hashing is equivalent and keeps the OUT_OF_ORDER look-up on every command cheap.
+    __hash__ = object.__hash__
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Envelope:

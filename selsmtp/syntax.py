@@ -30,6 +30,8 @@ class Verb(enum.Enum):
     VRFY = "VRFY"
     QUIT = "QUIT"
 
+    __hash__ = object.__hash__  # identity hashing: see State in session.py
+
 
 VERBS: Final = {verb.value: verb for verb in Verb}
 
