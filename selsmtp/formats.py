@@ -43,11 +43,12 @@ from selsmtp.session import Envelope
 #: Bodies are read back from a spool file in pieces of this size.
 CHUNK: Final = 1 << 20
 
-#: Finds a cs4410 record's number: the second header line of every record.
-CS4410_NUMBER: Final = re.compile(rb"\(CS4410MP3\)\nNumber: (\d+)\n")
+#: Finds a cs4410 record's number: the second header line of every record. At most
+#: 18 digits, so a body quoting an absurd number cannot overflow int() at start-up.
+CS4410_NUMBER: Final = re.compile(rb"\(CS4410MP3\)\nNumber: (\d{1,18})\n")
 
 _TRACE: Final = (
-    rb"Return-Path: [^\n]*\nReceived: [^\n]*\n(?:[ \t][^\n]*\n)*X-Selsmtp-Number: (\d+)\n"
+    rb"Return-Path: [^\n]*\nReceived: [^\n]*\n(?:[ \t][^\n]*\n)*X-Selsmtp-Number: (\d{1,18})\n"
 )
 #: Finds an mbox message's number. Exact, not a guess: with mboxrd quoting, a line
 #: that starts with ``From `` is always a separator, never message text.

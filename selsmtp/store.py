@@ -137,6 +137,7 @@ class FileStore:
         self._states: StateFile | None = None
         self._state = State()
         self._torn = False  # a crash left a batch unfinished; repair before appending
+        self._torn_size = -1  # the mailbox's length when that was found
         try:
             self._fd = self._open_mailbox()
             self._states = StateFile(self.state_path, self._fsync)
@@ -370,6 +371,7 @@ class FileStore:
         # A batch was being written when the process died. Its numbers stay reserved
         # (a reader may have seen them), and its bytes, whole or not, never got a 250.
         self._torn = True
+        self._torn_size = os.fstat(self._fd).st_size
         if not self._lock():
             log.warning(
                 "mailbox %s is locked; its torn tail is removed at the next append", self.path
@@ -382,7 +384,7 @@ class FileStore:
 
     def _recover_without_state(self) -> None:
         state = self._state
-        state.number = max(self._scan_last_number(), rotation.last_rotated_number(self.path))
+        state.number = max(self._scan_highest_number(), rotation.last_rotated_number(self.path))
         if state.number:
             log.info("no state file; the last number of %s is %d", self.path, state.number)
             head = os.pread(self._fd, formats.CHUNK, 0)
@@ -397,7 +399,19 @@ class FileStore:
         """Cut away what an append cut short by a crash left (the lock is held)."""
         saved = self._state
         st = os.fstat(self._fd)
-        if (st.st_dev, st.st_ino) == (saved.dev, saved.ino) and st.st_size > saved.pending:
+        if (st.st_dev, st.st_ino) != (saved.dev, saved.ino) or st.st_size <= saved.pending:
+            pass  # the file was emptied or replaced since: nothing of ours is left in it
+        elif st.st_size != self._torn_size:
+            # Another program appended after the torn tail while we waited for the
+            # lock. Cutting would destroy its records, so the tail stays, and says so.
+            log.error(
+                "kept a torn tail of %d bytes at offset %d of %s: another program "
+                "appended after it",
+                self._torn_size - saved.pending,
+                saved.pending,
+                self.path,
+            )
+        else:
             os.ftruncate(self._fd, saved.pending)
             self._fsync(self._fd)
             log.warning(
@@ -410,22 +424,24 @@ class FileStore:
         self._save_state(sync=True)
         self._torn = False
 
-    def _scan_last_number(self) -> int:
-        """The largest record number near the end of the mailbox (0 if none).
+    def _scan_highest_number(self) -> int:
+        """The highest record number anywhere in the mailbox (0 if none).
 
-        Reads backwards in chunks through the one descriptor we own, so a mailbox of
-        any size costs only the length of its last record.
+        Why the whole file and not just its tail: a body may quote a record head with
+        a lower number, and the last real head can be far back (a large last
+        message); taking the maximum never gives out a number twice. A quoted head
+        with a higher number only leaves a gap. This runs only when the state file is
+        lost, through the one descriptor we own, at about a second per gigabyte.
         """
         size = os.fstat(self._fd).st_size
-        end = size
-        while end > 0:
-            start = max(0, end - formats.CHUNK)
-            chunk = os.pread(self._fd, min(end + SCAN_OVERLAP, size) - start, start)
-            numbers = [int(m.group(1)) for m in self._number_pattern.finditer(chunk)]
-            if numbers:
-                return max(numbers)
-            end = start
-        return 0
+        highest = 0
+        start = 0
+        while start < size:
+            chunk = os.pread(self._fd, min(formats.CHUNK + SCAN_OVERLAP, size - start), start)
+            for match in self._number_pattern.finditer(chunk):
+                highest = max(highest, int(match.group(1)))
+            start += formats.CHUNK
+        return highest
 
 
 def cs4410_renderer(server_name: str) -> Renderer:

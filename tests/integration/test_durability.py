@@ -692,12 +692,6 @@ def append_under_lock(mailbox: Path, data: bytes) -> None:
         os.close(fd)
 
 
-@pytest.mark.xfail(
-    reason="a torn tail found while a reader holds the lock is cut at the next append from"
-    " the crashed batch's start offset, taking along whatever another program appended"
-    " under the lock in between",
-    strict=True,
-)
 def test_deferred_torn_tail_repair_keeps_what_another_program_appended(
     traced: Callable[[Path, list[str]], TracedServer], launch: Launch, tmp_path: Path
 ) -> None:
@@ -808,12 +802,6 @@ def test_start_up_is_fast_with_a_1_gb_mailbox(launch: Launch, tmp_path: Path) ->
     check_start_up_time(launch, tmp_path, 1 << 30)
 
 
-@pytest.mark.xfail(
-    reason="without its state file, the store takes the last number from the last 1 MiB of"
-    " the mailbox; a last body over 1 MiB that quotes a record head with a lower number"
-    " makes numbers repeat (SPEC §5.3)",
-    strict=True,
-)
 def test_no_state_file_a_quoted_record_head_does_not_rewind_numbers(
     launch: Launch, tmp_path: Path
 ) -> None:
