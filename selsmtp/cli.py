@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Final
 
-from selsmtp import __version__
+from selsmtp import __version__, logs
 from selsmtp.config import FORMATS, ROTATING_FORMATS, Config
 from selsmtp.server import Server, format_address
 from selsmtp.store import StartupError
@@ -133,11 +133,7 @@ def fit_connections(wanted: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    log_handler = logs.setup(args.log_level)
     if args.rotate is not None and args.format not in ROTATING_FORMATS:
         parser.error(f"--rotate applies to the {' and '.join(ROTATING_FORMATS)} formats only")
     config = Config(
@@ -179,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.format,
         server.store.last_number + 1,
     )
-    server.serve_forever()
-    log.info("stopped after %d deliveries", server.delivered)
+    server.after_turn = log_handler.flush
+    try:
+        server.serve_forever()
+        log.info("stopped after %d deliveries", server.delivered)
+    finally:
+        log_handler.flush()
     return 0

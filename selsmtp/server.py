@@ -49,7 +49,7 @@ from typing import Final
 
 from selsmtp import replies
 from selsmtp.config import Config
-from selsmtp.connection import NEVER, Connection
+from selsmtp.connection import NEVER, RECV_DATA, Connection
 from selsmtp.session import Action, Deliver, Session
 from selsmtp.store import Store, StoreError, open_store
 
@@ -144,6 +144,8 @@ class Server:
         self.connections: set[Connection] = set()
         #: connections whose selector interest may have changed in this turn
         self.dirty: set[Connection] = set()
+        #: where every connection's recv lands before its bytes are copied out
+        self.recv_view = memoryview(bytearray(RECV_DATA))
         #: called at the end of every loop turn (the command line flushes its logs here)
         self.after_turn: Callable[[], None] | None = None
         self._deadlines: list[tuple[float, int, Connection]] = []
