@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.after_turn = log_handler.flush
     try:
         server.serve_forever()
-        log.info("stopped after %d deliveries", server.delivered)
+        log.info("stopped; %d messages delivered", server.delivered)
     finally:
         log_handler.flush()
     return 0
