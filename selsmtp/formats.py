@@ -34,7 +34,6 @@ import functools
 import re
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
-from email.utils import format_datetime
 from typing import Final
 
 from selsmtp.framing import Body
@@ -115,8 +114,12 @@ def dates(now: float) -> tuple[str, str]:
     moment = datetime.fromtimestamp(int(now), timezone.utc)
     day = _WEEKDAYS[3 * moment.weekday() :][:3]
     month = _MONTHS[3 * moment.month - 3 :][:3]
-    asctime = f"{day} {month} {moment.day:2d} {moment:%H:%M:%S} {moment.year}"
-    return asctime, format_datetime(moment)
+    clock = f"{moment:%H:%M:%S}"
+    asctime = f"{day} {month} {moment.day:2d} {clock} {moment.year}"
+    # RFC 5322 §3.3, as email.utils.format_datetime writes it (that module is slow
+    # to import, and start-up time counts).
+    rfc5322 = f"{day}, {moment.day:02d} {month} {moment.year:04d} {clock} +0000"
+    return asctime, rfc5322
 
 
 def trace_header(number: int, envelope: Envelope, server_name: str, now: float) -> bytes:

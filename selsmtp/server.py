@@ -42,10 +42,9 @@ import logging
 import math
 import selectors
 import socket
-import tempfile
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import BinaryIO, Final
 
 from selsmtp import replies
 from selsmtp.config import Config
@@ -84,6 +83,13 @@ class _Waiting:
         self.conn = conn
         self.deliver = deliver
         self.since = since
+
+
+def new_spool_file() -> BinaryIO:
+    """A temporary file for a message too large to keep in memory."""
+    import tempfile  # Why here: it is slow to import and most servers never spool.
+
+    return tempfile.TemporaryFile()
 
 
 def format_address(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
@@ -325,7 +331,7 @@ class Server:
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            session = Session(self.config, new_spool=tempfile.TemporaryFile)
+            session = Session(self.config, new_spool=new_spool_file)
             conn = Connection(self, sock, peer, session, now)
             self.connections.add(conn)
             log.debug("connection from %s", peer)
