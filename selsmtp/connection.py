@@ -43,7 +43,6 @@ class Connection:
     __slots__ = (
         "_lines_seen",
         "_server",
-        "callback",
         "closing",
         "deadline",
         "eof",
@@ -54,7 +53,6 @@ class Connection:
         "peer",
         "session",
         "sock",
-        "started",
     )
 
     def __init__(
@@ -71,9 +69,12 @@ class Connection:
         self.deadline = now + server.config.timeout
         self.in_heap = False  # owned by the server's deadline heap
         self.messages = 0
-        self.started = now
         self._lines_seen = 0
-        self.callback = self.on_ready  # one bound method, reused for every register
+
+    def __lt__(self, other: Connection) -> bool:
+        # Why: deadline heap entries are (deadline, connection); equal deadlines fall
+        # back to comparing connections, and any fixed order will do.
+        return id(self) < id(other)
 
     @property
     def closed(self) -> bool:

@@ -37,7 +37,6 @@ import contextlib
 import errno
 import functools
 import heapq
-import itertools
 import logging
 import math
 import selectors
@@ -154,9 +153,8 @@ class Server:
         self.recv_view = memoryview(bytearray(RECV_DATA))
         #: called at the end of every loop turn (the command line flushes its logs here)
         self.after_turn: Callable[[], None] | None = None
-        self._deadlines: list[tuple[float, int, Connection]] = []
+        self._deadlines: list[tuple[float, Connection]] = []
         self._dead_deadlines = 0  # entries in the heap whose connection is closed
-        self._sequence = itertools.count()
         self._waiting: list[_Waiting] = []
         self._lock_retry_at = 0.0
         self._lock_retry_delay = LOCK_RETRY_MIN
@@ -189,11 +187,16 @@ class Server:
         ready = self._selector.select(timeout)
         now = self._clock()
         for key, mask in ready:
-            callback: Callback = key.data
+            # A connection is its own selector data (a bound method per connection
+            # would cost memory); the listener and the wake-up socket have callbacks.
+            target: Connection | Callback = key.data
             try:
-                callback(mask, now)
+                if type(target) is Connection:
+                    target.on_ready(mask, now)
+                else:
+                    target(mask, now)  # type: ignore[operator]
             except Exception:
-                self._crashed(callback, now)
+                self._crashed(target)
         self._flush_deliveries(now)
         self._expire_deadlines(now)
         self._maintain(now)
@@ -203,10 +206,9 @@ class Server:
         if self.after_turn is not None:
             self.after_turn()
 
-    def _crashed(self, callback: Callback, now: float) -> None:
-        conn = getattr(callback, "__self__", None)
-        if isinstance(conn, Connection):
-            self._close_after_bug(conn)
+    def _crashed(self, target: Connection | Callback) -> None:
+        if isinstance(target, Connection):
+            self._close_after_bug(target)
         else:
             log.exception("bug in the server loop")
 
@@ -371,11 +373,11 @@ class Server:
         """Make the selector watch ``events`` (0: nothing) on ``conn``'s socket."""
         assert conn.sock is not None
         if conn.events == 0:
-            self._selector.register(conn.sock, events, conn.callback)
+            self._selector.register(conn.sock, events, conn)
         elif events == 0:
             self._selector.unregister(conn.sock)
         else:
-            self._selector.modify(conn.sock, events, conn.callback)
+            self._selector.modify(conn.sock, events, conn)
 
     def forget(self, conn: Connection, sock: socket.socket) -> None:
         """``conn`` is closing: stop watching its socket."""
@@ -394,14 +396,14 @@ class Server:
 
     def watch_deadline(self, conn: Connection) -> None:
         if not conn.in_heap and conn.deadline != NEVER and not conn.closed:
-            heapq.heappush(self._deadlines, (conn.deadline, next(self._sequence), conn))
+            heapq.heappush(self._deadlines, (conn.deadline, conn))
             conn.in_heap = True
 
     def _compact_deadlines(self) -> None:
         live = []
         for entry in self._deadlines:
-            if entry[2].closed:
-                entry[2].in_heap = False
+            if entry[1].closed:
+                entry[1].in_heap = False
             else:
                 live.append(entry)
         heapq.heapify(live)
@@ -411,7 +413,7 @@ class Server:
     def _expire_deadlines(self, now: float) -> None:
         heap = self._deadlines
         while heap and heap[0][0] <= now:
-            _, _, conn = heapq.heappop(heap)
+            _, conn = heapq.heappop(heap)
             conn.in_heap = False
             if conn.closed:
                 self._dead_deadlines -= 1

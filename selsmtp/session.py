@@ -105,6 +105,11 @@ OUT_OF_ORDER: Final[dict[tuple[State, Verb], Reply]] = {
     (State.RCPT, Verb.MAIL): replies.NESTED_MAIL,
 }
 
+#: The recipients of a session with no transaction open. Shared, never appended to:
+#: MAIL gives each transaction a list of its own (an idle session then costs one
+#: list less, and a server holds thousands of them).
+NO_PATHS: Final[list[str]] = []
+
 #: States in which a command line is read and dispatched.
 COMMAND_STATES: Final = frozenset({State.FRESH, State.READY, State.MAIL, State.RCPT})
 
@@ -141,7 +146,7 @@ class Session:
         self.state = State.FRESH
         self.helo_name: str | None = None
         self.reverse_path: str | None = None
-        self.forward_paths: list[str] = []
+        self.forward_paths: list[str] = NO_PATHS
         #: error replies (4xx/5xx) sent so far; at ``config.max_errors`` the session ends
         self.errors = 0
         #: complete lines read so far (commands and message data)
@@ -301,7 +306,7 @@ class Session:
 
     def _reset_transaction(self) -> None:
         self.reverse_path = None
-        self.forward_paths = []
+        self.forward_paths = NO_PATHS
 
     # -- the commands (RFC 5321 §4.1.1) -----------------------------------------
 
