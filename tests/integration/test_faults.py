@@ -28,6 +28,7 @@ from selsmtp import server as server_module
 from selsmtp.session import Action, Session
 
 from .conftest import (
+    NAME,
     REPO_ROOT,
     WAIT,
     ConnectionClosed,
@@ -366,3 +367,26 @@ def test_closed_clients_do_not_get_replies_from_others(
     with pytest.raises((ConnectionClosed, TimeoutError)):
         fresh.read_reply(timeout=0.2)
     assert read_mailbox(server.mailbox) == []
+
+
+def test_max_connections_is_kept_below_the_descriptor_limit(tmp_path: Path) -> None:
+    limit = 64
+    process = SelsmtpProcess(
+        tmp_path / "mailbox", "--max-connections", "1000", rlimits={"RLIMIT_NOFILE": limit}
+    )
+    clients: list[socket.socket] = []
+    try:
+        allowed = limit - 32  # FD_RESERVE descriptors stay for the mailbox, spools, logs
+        clients = [socket.create_connection(process.address, timeout=WAIT) for _ in range(allowed)]
+        assert len(greeted_within(clients, WAIT)) == allowed
+        extra = socket.create_connection(process.address, timeout=WAIT)
+        clients.append(extra)
+        refused = extra.recv(4096)
+        assert refused == f"421 4.7.0 {NAME} Error: too many connections\r\n".encode()
+    finally:
+        for sock in clients:
+            sock.close()
+        process.signal(15)
+        code, _, stderr = process.wait()
+    assert code == 0
+    assert f"serving at most {allowed} connections" in stderr
