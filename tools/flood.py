@@ -33,12 +33,15 @@ to the message that made it. The rest is filler: random text lines with 8-bit by
 lines that need dot-stuffing, and lines that look like mailbox headers. ``--size`` is
 the body's length as stored (LF line ends, dots unstuffed).
 
-With ``--mailbox PATH`` the mailbox is read afterwards under a shared lock and checked:
-every acknowledged message must be there exactly once, with the number its ``250``
-gave, its sender, recipients and HELO name, and a body whose length and checksum
-match; numbers must be unique and increasing with no torn tail; messages refused with
-an error reply must not be there. ``--save FILE`` keeps what is needed to run that
-check again later with ``--verify-only FILE``.
+With ``--mailbox PATH`` the mailbox is read afterwards under a shared lock and checked
+(``--format`` cs4410, mbox or maildir): every acknowledged message must be there
+exactly once, with the number its ``250`` gave, its sender, recipients (cs4410 only:
+the other formats do not record them) and HELO name, and a body whose length and
+checksum match; messages refused with an error reply must not be there. The mailbox
+itself is checked by :func:`selsmtp.reader.load`, the code behind
+``python -m selsmtp.inbox check``, with gaps reported as its ``--strict`` does: whole
+records, numbers unique and increasing with no gap, no torn tail. ``--save FILE``
+keeps what is needed to run the check again later with ``--verify-only FILE``.
 
 This tool is for load tests of servers on this machine: it refuses any address that
 is not a loopback address.
@@ -183,7 +186,7 @@ class Options:
     bad_rate: float
     slow: int
     mailbox: str | None
-    format: str
+    format: str | None  # None: cs4410, or with --verify-only the saved run's format
     json: bool
     save: str | None
     verify_only: str | None
@@ -305,7 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="K more clients that go idle after the greeting and must get 421 (timeout)",
     )
     add("--mailbox", default=None, help="check this mailbox after the run")
-    add("--format", choices=("cs4410",), default="cs4410", help="mailbox format")
+    add(
+        "--format",
+        choices=reader.FORMATS,
+        default=None,
+        help="format of --mailbox (cs4410; with --verify-only, the one saved with --save)",
+    )
     add("--json", action="store_true", help="print one JSON object instead of the report")
     add(
         "--save",
@@ -1076,27 +1084,26 @@ class Verification:
     problems: list[str] = dataclasses.field(default_factory=list)
 
 
-def verify(saved: dict[str, Any], data: bytes) -> Verification:
-    """Check the bytes of a cs4410 mailbox against the messages of a run.
+def verify(saved: dict[str, Any], parsed: reader.Parsed) -> Verification:
+    """Check a mailbox, as read by :func:`selsmtp.reader.load`, against a run's messages.
 
     ``saved`` is what ``--save`` writes: ``run_id``, ``acked`` (one list per
     acknowledged message: token, HELO name, sender, recipients, body size, body
-    checksum, number), ``refused`` ([token, code]) and ``unknown`` (tokens).
+    checksum, number), ``refused`` ([token, code]) and ``unknown`` (tokens). The
+    mailbox's own problems (``parsed.problems``) are problems of the run too.
     """
     result = Verification()
-    mailbox = reader.parse(data)
-    result.records = len(mailbox.records)
-    result.problems.extend(f"mailbox: {problem}" for problem in mailbox.problems)
+    result.records = len(parsed.messages)
+    result.problems.extend(f"mailbox: {problem}" for problem in parsed.problems)
     run_id = saved["run_id"]
     marker = f"flood {run_id}.".encode()
-    by_token: dict[str, list[reader.Record]] = {}
-    for record in mailbox.records:
-        head = FLOOD_HEAD.match(record.body)
+    by_token: dict[str, list[reader.Message]] = {}
+    for message in parsed.messages:
+        head = FLOOD_HEAD.match(message.content)
         if head is None or not head[1].decode("ascii", "replace").startswith(run_id + "."):
-            if marker in record.body[:1024]:
+            if marker in message.content[:1024]:
                 result.problems.append(
-                    f"corrupt: record {record.number} at offset {record.offset}: "
-                    "its flood header lines are damaged"
+                    f"corrupt: {_record_at(message)}: its flood header lines are damaged"
                 )
             else:
                 result.foreign += 1
@@ -1104,35 +1111,31 @@ def verify(saved: dict[str, Any], data: bytes) -> Verification:
         token = head[1].decode("ascii", "replace")
         if head[2] != head[1]:
             result.problems.append(
-                f"corrupt: record {record.number} at offset {record.offset}: "
-                f"token lines disagree ({token})"
+                f"corrupt: {_record_at(message)}: token lines disagree ({token})"
             )
-        by_token.setdefault(token, []).append(record)
+        by_token.setdefault(token, []).append(message)
     for token, helo, sender, recipients, size, sha256, number in saved["acked"]:
         result.checked += 1
-        records = by_token.pop(token, [])
+        messages = by_token.pop(token, [])
         where = f"message {token} (acknowledged as number {number})"
-        if not records:
+        if not messages:
             result.problems.append(f"missing: {where} is not in the mailbox")
             continue
-        if len(records) > 1:
-            places = ", ".join(f"number {r.number} at offset {r.offset}" for r in records)
-            result.problems.append(f"duplicated: {where} is stored {len(records)} times: {places}")
+        if len(messages) > 1:
+            places = ", ".join(f"number {m.number} at {m.where}" for m in messages)
+            result.problems.append(f"duplicated: {where} is stored {len(messages)} times: {places}")
             continue
-        record = records[0]
-        wrong = _compare(record, helo, sender, recipients, size, sha256, number)
+        message = messages[0]
+        wrong = _compare(message, helo, sender, recipients, size, sha256, number)
         if wrong:
-            result.problems.append(
-                f"corrupt: {where}, record {record.number} at offset {record.offset}: "
-                + "; ".join(wrong)
-            )
+            result.problems.append(f"corrupt: {where}, {_record_at(message)}: " + "; ".join(wrong))
         else:
             result.found += 1
     refused = {token: code for token, code in saved["refused"]}
     unknown = set(saved["unknown"])
-    for token, records in by_token.items():
-        for record in records:
-            where = f"message {token}, record {record.number} at offset {record.offset}"
+    for token, messages in by_token.items():
+        for message in messages:
+            where = f"message {token}, {_record_at(message)}"
             if token in refused:
                 result.problems.append(f"stored although refused: {where} got {refused[token]}")
             elif token in unknown:
@@ -1142,8 +1145,13 @@ def verify(saved: dict[str, Any], data: bytes) -> Verification:
     return result
 
 
+def _record_at(message: reader.Message) -> str:
+    """``record N at offset O`` (or at its Maildir file)."""
+    return f"record {message.number} at {message.where}"
+
+
 def _compare(
-    record: reader.Record,
+    message: reader.Message,
     helo: str,
     sender: str,
     recipients: list[str],
@@ -1152,18 +1160,20 @@ def _compare(
     number: int | None,
 ) -> list[str]:
     wrong = []
-    if number is not None and record.number != number:
-        wrong.append(f"number {record.number}, not {number}")
-    if record.helo_name != helo:
-        wrong.append(f"HELO name {record.helo_name!r}, not {helo!r}")
-    if record.sender != sender:
-        wrong.append(f"sender {record.sender!r}, not {sender!r}")
-    if list(record.recipients) != recipients:
-        wrong.append(f"recipients {list(record.recipients)}, not {recipients}")
-    if len(record.body) != size:
-        wrong.append(f"body of {len(record.body)} bytes, not {size}")
-    head = FLOOD_HEAD.match(record.body)
-    rest = record.body[head.end() :] if head else record.body
+    if number is not None and message.number != number:
+        wrong.append(f"number {message.number}, not {number}")
+    if message.helo_name != helo:
+        wrong.append(f"HELO name {message.helo_name!r}, not {helo!r}")
+    if message.sender != sender:
+        wrong.append(f"sender {message.sender!r}, not {sender!r}")
+    # mbox and Maildir do not record the envelope's recipients
+    if message.recipients is not None and list(message.recipients) != recipients:
+        wrong.append(f"recipients {list(message.recipients)}, not {recipients}")
+    body = message.content
+    if len(body) != size:
+        wrong.append(f"body of {len(body)} bytes, not {size}")
+    head = FLOOD_HEAD.match(body)
+    rest = body[head.end() :] if head else body
     if head is None or head[3].decode() != sha256 or hashlib.sha256(rest).hexdigest() != sha256:
         wrong.append("body checksum mismatch")
     return wrong
@@ -1173,21 +1183,27 @@ def saved_run(opts: Options, run_id: str, results: dict[str, Any]) -> dict[str, 
     return {
         "run_id": run_id,
         "mailbox": os.path.abspath(opts.mailbox) if opts.mailbox else None,
+        "format": opts.format or "cs4410",
         "acked": results["acked"],
         "refused": results["refused"],
         "unknown": results["unknown"],
     }
 
 
-def verify_mailbox(path: str, saved: dict[str, Any], timeout: float) -> Verification:
+def verify_mailbox(
+    path: str, saved: dict[str, Any], timeout: float, fmt: str = "cs4410"
+) -> Verification:
+    """Read the mailbox at ``path`` (in format ``fmt``) under its lock, check it as
+    ``python -m selsmtp.inbox check`` does but with gaps reported, and :func:`verify`
+    the run's messages in it."""
     try:
-        data = reader.read_mailbox(path, timeout=timeout)
-    except (OSError, TimeoutError) as exc:
+        loaded = reader.load(path, fmt, allow_gaps=False, allow_foreign=True, lock_timeout=timeout)
+    except (OSError, TimeoutError, reader.NotAMailbox) as exc:
         result = Verification()
         result.checked = len(saved["acked"])
         result.problems.append(f"mailbox: cannot read {path}: {exc}")
         return result
-    return verify(saved, data)
+    return verify(saved, loaded.parsed)
 
 
 # -- reporting -----------------------------------------------------------------
@@ -1309,7 +1325,7 @@ def verify_only(opts: Options, saved_path: str) -> int:
     with open(saved_path, encoding="utf-8") as file:
         saved = json.load(file)
     path = opts.mailbox or saved["mailbox"]
-    check = verify_mailbox(path, saved, opts.timeout)
+    check = verify_mailbox(path, saved, opts.timeout, opts.format or saved.get("format", "cs4410"))
     if opts.json:
         print(json.dumps({"ok": not check.problems, **dataclasses.asdict(check)}))
     else:
@@ -1335,7 +1351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(saved, file)
     check: Verification | None = None
     if opts.mailbox:
-        check = verify_mailbox(opts.mailbox, saved, opts.timeout)
+        check = verify_mailbox(opts.mailbox, saved, opts.timeout, saved["format"])
     report = summary(opts, results, check)
     if opts.json:
         print(json.dumps(report))
