@@ -1,4 +1,13 @@
-"""selsmtp: a fast, durable, dependency-free SMTP server built on one selectors loop."""
+"""selsmtp: a fast, durable, dependency-free SMTP server built on one selectors loop.
+
+Start-up time is a target (the first greeting within 40 ms of process start), so the
+modules that ``python -m selsmtp`` imports keep clear of slow imports (measured):
+
+* no ``dataclasses``: the value classes are plain classes (:mod:`selsmtp.frozen`);
+* no ``typing`` at run time: each module sets ``TYPE_CHECKING = False`` itself, which
+  mypy reads as ``typing.TYPE_CHECKING``, and imports from ``typing`` under it
+  (annotations are never evaluated, with ``from __future__ import annotations``).
+"""
 
 from selsmtp.config import Config
 from selsmtp.session import Session

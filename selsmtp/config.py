@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Final
+from selsmtp.frozen import Frozen, init_field
+
+TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 FORMATS: Final = ("cs4410", "mbox", "maildir")
 #: the formats that keep their messages in one file, which --rotate renames
@@ -13,46 +16,115 @@ ROTATING_FORMATS: Final = ("cs4410", "mbox")
 MAX_COMMAND_LINE: Final = 512
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Config:
-    """The server's settings. The defaults are those of the command line (SPEC §2)."""
+class Config(Frozen):
+    """The server's settings. The defaults are those of the command line (SPEC §2).
 
-    host: str = "127.0.0.1"
-    port: int = 8765
-    mailbox: str = "./mailbox"
-    format: str = "cs4410"
-    name: str = "localhost"
+    Immutable; :meth:`replace` makes a changed copy. Raises ``ValueError`` for an
+    impossible setting.
+    """
+
+    __slots__ = __match_args__ = (
+        "host",
+        "port",
+        "mailbox",
+        "format",
+        "name",
+        "timeout",
+        "max_message_size",
+        "max_recipients",
+        "max_connections",
+        "rotate",
+        "log_level",
+        "max_errors",
+        "lock_wait",
+        "shutdown_lock_wait",
+        "spool_threshold",
+        "output_high_water",
+        "fsync",
+    )
+
+    host: str
+    port: int
+    mailbox: str
+    format: str
+    name: str
     #: seconds a client may take to complete each line (command or message data)
-    timeout: float = 300.0
-    max_message_size: int = 33_554_432
-    max_recipients: int = 1000
-    max_connections: int = 1000
+    timeout: float
+    max_message_size: int
+    max_recipients: int
+    max_connections: int
     #: after every N messages, rename the mailbox file to PATH.A-B (None: never;
     #: file formats only)
-    rotate: int | None = None
-    log_level: str = "info"
+    rotate: int | None
+    log_level: str
     #: error replies after which a session is closed with 421
-    max_errors: int = 20
+    max_errors: int
     #: seconds a finished message may wait for the mailbox lock before it gets 451
-    lock_wait: float = 20.0
+    lock_wait: float
     #: seconds of shutdown after which messages still waiting for the lock get 451
-    shutdown_lock_wait: float = 5.0
+    shutdown_lock_wait: float
     #: message bodies larger than this many bytes are spooled to a temporary file
-    spool_threshold: int = 1 << 20
+    spool_threshold: int
     #: stop reading from a client while this many reply bytes wait to be sent to it
-    output_high_water: int = 64 * 1024
+    output_high_water: int
     #: DANGER, benchmarks only: skip fsync, so an acknowledged message can be lost in a crash
-    fsync: bool = True
+    fsync: bool
 
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"unknown mailbox format {self.format!r}")
-        for field in ("max_message_size", "max_recipients", "max_connections"):
-            if getattr(self, field) < 1:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8765,
+        mailbox: str = "./mailbox",
+        format: str = "cs4410",
+        name: str = "localhost",
+        timeout: float = 300.0,
+        max_message_size: int = 33_554_432,
+        max_recipients: int = 1000,
+        max_connections: int = 1000,
+        rotate: int | None = None,
+        log_level: str = "info",
+        max_errors: int = 20,
+        lock_wait: float = 20.0,
+        shutdown_lock_wait: float = 5.0,
+        spool_threshold: int = 1 << 20,
+        output_high_water: int = 64 * 1024,
+        fsync: bool = True,
+    ) -> None:
+        if format not in FORMATS:
+            raise ValueError(f"unknown mailbox format {format!r}")
+        for field, value in (
+            ("max_message_size", max_message_size),
+            ("max_recipients", max_recipients),
+            ("max_connections", max_connections),
+        ):
+            if value < 1:
                 raise ValueError(f"{field} must be at least 1")
-        if self.timeout <= 0:
+        if timeout <= 0:
             raise ValueError("timeout must be positive")
-        if self.rotate is not None and self.rotate < 1:
+        if rotate is not None and rotate < 1:
             raise ValueError("rotate must be at least 1")
-        if self.rotate is not None and self.format not in ROTATING_FORMATS:
+        if rotate is not None and format not in ROTATING_FORMATS:
             raise ValueError(f"rotate applies to the {' and '.join(ROTATING_FORMATS)} formats only")
+        init_field(self, "host", host)
+        init_field(self, "port", port)
+        init_field(self, "mailbox", mailbox)
+        init_field(self, "format", format)
+        init_field(self, "name", name)
+        init_field(self, "timeout", timeout)
+        init_field(self, "max_message_size", max_message_size)
+        init_field(self, "max_recipients", max_recipients)
+        init_field(self, "max_connections", max_connections)
+        init_field(self, "rotate", rotate)
+        init_field(self, "log_level", log_level)
+        init_field(self, "max_errors", max_errors)
+        init_field(self, "lock_wait", lock_wait)
+        init_field(self, "shutdown_lock_wait", shutdown_lock_wait)
+        init_field(self, "spool_threshold", spool_threshold)
+        init_field(self, "output_high_water", output_high_water)
+        init_field(self, "fsync", fsync)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with the fields named in ``changes`` changed (validated again)."""
+        fields = {name: getattr(self, name) for name in self.__match_args__}
+        fields.update(changes)
+        return Config(**fields)

@@ -16,12 +16,14 @@ import math
 import selectors
 import socket
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final
 
 from selsmtp.replies import Reply
 from selsmtp.session import Action, Deliver, Session
 
+TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
+    from typing import Final
+
     from selsmtp.server import Server
 
 log = logging.getLogger("selsmtp.connection")

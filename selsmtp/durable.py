@@ -14,9 +14,12 @@ import errno
 import os
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final, Protocol
 
 from selsmtp.session import Deliver
+
+TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
+if TYPE_CHECKING:
+    from typing import Final, Protocol
 
 #: writev takes at most IOV_MAX buffers; stay well below it.
 MAX_IOV: Final = 512
@@ -38,20 +41,24 @@ class StartupError(Exception):
     """The mailbox cannot be used; the message says why, in one line."""
 
 
-class Store(Protocol):
-    """What the server needs from a mailbox, whatever its format."""
+# Why for mypy only: a Protocol is never instantiated, and defining one at run time
+# would import typing, which is slow to import (start-up time counts).
+if TYPE_CHECKING:
 
-    path: str
+    class Store(Protocol):
+        """What the server needs from a mailbox, whatever its format."""
 
-    @property
-    def last_number(self) -> int: ...
+        path: str
 
-    def try_append(self, batch: Sequence[Deliver]) -> list[int] | None:
-        """The numbers ``batch`` was stored as; ``None``: locked, nothing done, try later.
-        Raises :class:`StoreError` if nothing could be stored."""
-        ...
+        @property
+        def last_number(self) -> int: ...
 
-    def close(self) -> None: ...
+        def try_append(self, batch: Sequence[Deliver]) -> list[int] | None:
+            """The numbers ``batch`` was stored as; ``None``: locked, nothing done, try later.
+            Raises :class:`StoreError` if nothing could be stored."""
+            ...
+
+        def close(self) -> None: ...
 
 
 def fsync_directory(path: str) -> None:

@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import BinaryIO, Final
+
+TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
+if TYPE_CHECKING:
+    from typing import BinaryIO, Final, TypeAlias
 
 CRLF: Final = b"\r\n"
 END_OF_DATA: Final = b"\r\n.\r\n"
@@ -74,8 +77,9 @@ class LineReader:
         return line
 
 
-Body = bytes | BinaryIO
-"""A finished message: bytes when small, else a spooled file positioned at 0."""
+#: A finished message: bytes when small, else a spooled file positioned at 0. (Only a
+#: string at run time: nothing there needs the type, and building it needs typing.)
+Body: TypeAlias = "bytes | BinaryIO"
 
 
 class DataReader:

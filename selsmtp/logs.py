@@ -13,7 +13,10 @@ from __future__ import annotations
 import io
 import logging
 import sys
-from typing import TextIO
+
+TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
+if TYPE_CHECKING:
+    from typing import TextIO
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

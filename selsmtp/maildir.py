@@ -57,7 +57,6 @@ import re
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import Final
 
 from selsmtp import formats
 from selsmtp.durable import (
@@ -70,6 +69,10 @@ from selsmtp.durable import (
     write_pieces,
 )
 from selsmtp.session import Deliver
+
+TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
+if TYPE_CHECKING:
+    from typing import Final
 
 log = logging.getLogger("selsmtp.maildir")
 

@@ -8,32 +8,42 @@ Replies that name the server (the greeting, the 421s) are built per server name 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
-from typing import Final
+
+from selsmtp.frozen import Frozen, init_field
+
+TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
+if TYPE_CHECKING:
+    from typing import Final
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(Frozen):
     """An SMTP reply: a three-digit code and one or more lines of text.
 
     ``wire`` is the reply as sent: every line but the last as ``CODE-text``, the last
-    as ``CODE text``, each ending in CRLF (RFC 5321 §4.2.1).
+    as ``CODE text``, each ending in CRLF (RFC 5321 §4.2.1). Replies are equal when
+    their code and lines are. Raises ``ValueError`` for a code outside 200-599 or no
+    lines.
     """
+
+    __slots__ = ("code", "lines", "wire")
+    __match_args__ = ("code", "lines")
 
     code: int
     lines: tuple[str, ...]
-    wire: bytes = dataclasses.field(init=False, repr=False, compare=False)
+    wire: bytes
 
-    def __post_init__(self) -> None:
-        if not 200 <= self.code <= 599 or not self.lines:
-            raise ValueError(f"bad reply {self.code} {self.lines!r}")
-        last = len(self.lines) - 1
+    def __init__(self, code: int, lines: tuple[str, ...]) -> None:
+        if not 200 <= code <= 599 or not lines:
+            raise ValueError(f"bad reply {code} {lines!r}")
+        last = len(lines) - 1
         wire = "".join(
-            f"{self.code}{' ' if i == last else '-'}{line}\r\n" for i, line in enumerate(self.lines)
+            f"{code}{' ' if i == last else '-'}{line}\r\n" for i, line in enumerate(lines)
         )
-        object.__setattr__(self, "wire", wire.encode("utf-8"))
+        init_field(self, "code", code)
+        init_field(self, "lines", lines)
+        init_field(self, "wire", wire.encode("utf-8"))
 
     @property
     def is_error(self) -> bool:
@@ -93,9 +103,18 @@ def delivered(number: int) -> Reply:
     return Reply.of(250, f"2.0.0 Ok: delivered message {number}")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class NamedReplies:
+class NamedReplies(Frozen):
     """The replies that carry the server's name, built once per name."""
+
+    __slots__ = __match_args__ = (
+        "greeting",
+        "helo",
+        "ehlo",
+        "too_many_connections",
+        "too_many_errors",
+        "timeout",
+        "shutting_down",
+    )
 
     greeting: Reply
     helo: Reply
@@ -104,6 +123,24 @@ class NamedReplies:
     too_many_errors: Reply
     timeout: Reply
     shutting_down: Reply
+
+    def __init__(
+        self,
+        greeting: Reply,
+        helo: Reply,
+        ehlo: Reply,
+        too_many_connections: Reply,
+        too_many_errors: Reply,
+        timeout: Reply,
+        shutting_down: Reply,
+    ) -> None:
+        init_field(self, "greeting", greeting)
+        init_field(self, "helo", helo)
+        init_field(self, "ehlo", ehlo)
+        init_field(self, "too_many_connections", too_many_connections)
+        init_field(self, "too_many_errors", too_many_errors)
+        init_field(self, "timeout", timeout)
+        init_field(self, "shutting_down", shutting_down)
 
 
 @functools.lru_cache(maxsize=16)

@@ -42,9 +42,12 @@ import fcntl
 import logging
 import os
 import re
-from typing import Final
 
 from selsmtp.durable import same_file
+
+TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
+if TYPE_CHECKING:
+    from typing import Final
 
 log = logging.getLogger("selsmtp.store")
 

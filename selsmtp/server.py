@@ -43,13 +43,18 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from typing import BinaryIO, Final
 
 from selsmtp import replies
 from selsmtp.config import Config
 from selsmtp.connection import NEVER, RECV_DATA, Connection
 from selsmtp.session import Action, Deliver, Session
-from selsmtp.store import Store, StoreError, open_store
+from selsmtp.store import StoreError, open_store
+
+TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
+if TYPE_CHECKING:
+    from typing import BinaryIO, Final
+
+    from selsmtp.durable import Store
 
 log = logging.getLogger("selsmtp.server")
 

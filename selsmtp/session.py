@@ -27,14 +27,13 @@ connection, which owns the clock, can enforce the per-line timeout of SPEC §4.6
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Callable
-from typing import BinaryIO, Final
 
 from selsmtp import replies
 from selsmtp.config import MAX_COMMAND_LINE, Config
 from selsmtp.framing import Body, DataReader, LineReader, LineStatus
+from selsmtp.frozen import Frozen, init_field
 from selsmtp.replies import Reply
 from selsmtp.syntax import (
     SyntaxReply,
@@ -45,6 +44,10 @@ from selsmtp.syntax import (
     parse_rcpt,
     split_command,
 )
+
+TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
+if TYPE_CHECKING:
+    from typing import BinaryIO, Final
 
 
 class State(enum.Enum):
@@ -61,26 +64,38 @@ class State(enum.Enum):
     __hash__ = object.__hash__
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(Frozen):
     """Who a message is from and to (RFC 5321 §2.3.1), and the client's HELO name."""
+
+    __slots__ = __match_args__ = ("helo_name", "reverse_path", "forward_paths")
 
     helo_name: str
     reverse_path: str  #: "" for the null sender <>
     forward_paths: tuple[str, ...]
 
+    def __init__(self, helo_name: str, reverse_path: str, forward_paths: tuple[str, ...]) -> None:
+        init_field(self, "helo_name", helo_name)
+        init_field(self, "reverse_path", reverse_path)
+        init_field(self, "forward_paths", forward_paths)
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Deliver:
+
+class Deliver(Frozen):
     """Store ``body`` for ``envelope``; answer with ``delivered()`` or ``delivery_failed()``."""
+
+    __slots__ = __match_args__ = ("envelope", "body")
 
     envelope: Envelope
     body: Body
 
+    def __init__(self, envelope: Envelope, body: Body) -> None:
+        init_field(self, "envelope", envelope)
+        init_field(self, "body", body)
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Close:
+
+class Close(Frozen):
     """Close the connection after sending the replies that came before this action."""
+
+    __slots__ = ()
 
 
 Action = Reply | Deliver | Close

@@ -54,7 +54,6 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Final
 
 from selsmtp import formats, rotation
 from selsmtp.config import Config
@@ -65,15 +64,19 @@ from selsmtp.durable import (
     StartupError,
     State,
     StateFile,
-    Store,
     StoreError,
     fsync_directory,
     same_file,
     write_all,
     write_pieces,
 )
-from selsmtp.maildir import MaildirStore
 from selsmtp.session import Deliver
+
+TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
+if TYPE_CHECKING:
+    from typing import Final
+
+    from selsmtp.durable import Store
 
 __all__ = [
     "MAX_IOV",
@@ -82,7 +85,6 @@ __all__ = [
     "FileStore",
     "Renderer",
     "StartupError",
-    "Store",
     "StoreError",
     "cs4410_renderer",
     "fsync_directory",
@@ -461,6 +463,9 @@ def mbox_renderer(server_name: str) -> Renderer:
 def open_store(config: Config) -> Store:
     """The mailbox of ``config``, in its format. Raises :class:`StartupError`."""
     if config.format == "maildir":
+        # Why here: only a Maildir server needs the module; the others start faster.
+        from selsmtp.maildir import MaildirStore
+
         return MaildirStore(config.mailbox, config.name, fsync=config.fsync)
     if config.format == "mbox":
         return FileStore(

@@ -6,7 +6,6 @@ Nothing here opens a socket or a file; the integration tests add their own fixtu
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -48,7 +47,7 @@ def make_session(config: Config) -> MakeSession:
     """
 
     def make(*, new_spool: Callable[[], BinaryIO] | None = None, **overrides: Any) -> Session:
-        used = dataclasses.replace(config, **overrides) if overrides else config
+        used = config.replace(**overrides) if overrides else config
         return Session(used, new_spool=new_spool)
 
     return make

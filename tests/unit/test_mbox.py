@@ -9,7 +9,6 @@ lines selsmtp adds.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import mailbox
@@ -320,13 +319,9 @@ def test_open_store_picks_the_format(tmp_path: Path) -> None:
     finally:
         opened.close()
     assert (tmp_path / "box").read_bytes().startswith(b"From alice@example.org ")
-    cs4410 = store.open_store(
-        dataclasses.replace(config, mailbox=str(tmp_path / "other"), format="cs4410")
-    )
+    cs4410 = store.open_store(config.replace(mailbox=str(tmp_path / "other"), format="cs4410"))
     cs4410.close()
-    maildir = store.open_store(
-        dataclasses.replace(config, mailbox=str(tmp_path / "md"), format="maildir")
-    )
+    maildir = store.open_store(config.replace(mailbox=str(tmp_path / "md"), format="maildir"))
     maildir.close()
     assert (tmp_path / "md" / "new").is_dir()
 
