@@ -184,6 +184,13 @@ class Session:
             return []
         if self.state is State.CLOSED or self.peer_closed:
             return []
+        if self._data is not None and not self._buffer:
+            # Why: message data is most of the bytes a server reads; straight to the
+            # reader, it skips two copies through the input buffer.
+            out: list[Action] = []
+            if not self._read_data(data, out):
+                return out
+            return self._advance(out)
         self._buffer += data
         return self._advance([])
 
@@ -231,16 +238,10 @@ class Session:
         buffer = self._buffer
         while buffer:
             if self.state is State.DATA:
-                assert self._data is not None
                 chunk = bytes(buffer)
                 buffer.clear()
-                rest = self._data.feed(chunk)
-                if rest is None:
-                    self.lines_completed += chunk.count(b"\n")
+                if not self._read_data(chunk, out):
                     break
-                self.lines_completed += chunk.count(b"\n", 0, len(chunk) - len(rest))
-                buffer += rest
-                self._end_of_data(out)
             elif self.state in COMMAND_STATES:
                 line = self._lines.maybe_next_line(buffer)
                 if line is None:
@@ -254,6 +255,18 @@ class Session:
             else:  # DELIVERING or CLOSED: input waits, or is ignored
                 break
         return out
+
+    def _read_data(self, chunk: bytes, out: list[Action]) -> bool:
+        """Feed message data; True if the message ended (what followed is buffered)."""
+        assert self._data is not None
+        rest = self._data.feed(chunk)
+        if rest is None:
+            self.lines_completed += chunk.count(b"\n")
+            return False
+        self.lines_completed += chunk.count(b"\n", 0, len(chunk) - len(rest))
+        self._buffer += rest
+        self._end_of_data(out)
+        return True
 
     def _command(self, line: bytes, out: list[Action]) -> None:
         verb: Verb | None = None
