@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from selsmtp import __version__, logs
+from selsmtp.argtypes import port_number, positive_float, positive_int
 from selsmtp.config import FORMATS, ROTATING_FORMATS, Config
 from selsmtp.server import Server, format_address
 from selsmtp.store import StartupError
@@ -24,27 +25,6 @@ log = logging.getLogger("selsmtp")
 #: descriptors kept back from --max-connections for the listener, the mailbox,
 #: spool files and the like
 FD_RESERVE: Final = 32
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def port_number(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0-65535, not {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

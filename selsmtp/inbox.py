@@ -66,6 +66,7 @@ from types import FrameType
 from typing import Any, Final
 
 from selsmtp import reader
+from selsmtp.argtypes import non_negative_int, positive_float, positive_int
 from selsmtp.reader import Message, NotAMailbox
 from selsmtp.rotation import ROTATED_NAME
 
@@ -642,27 +643,6 @@ def cmd_follow(args: argparse.Namespace) -> int:
 # -- the command line ----------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
-    return value
-
-
 COLUMNS: Final = """\
 Each message is one line of tab-separated columns: NUMBER, DATE (UTC), SENDER,
 RECIPIENTS, SIZE, SUBJECT. "-" stands for what the format does not record: cs4410
@@ -700,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--lock-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_LOCK_TIMEOUT,
         metavar="S",
         help="give up if the mailbox stays locked this long (%(default)g s)",
@@ -729,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
         "X-Selsmtp-Number lines selsmtp added, and in mbox with the >From quoting undone. "
         "A number rotated away to PATH.A-B is looked for there.",
     )
-    show.add_argument("number", metavar="N", type=_non_negative_int, help="the message number")
+    show.add_argument("number", metavar="N", type=non_negative_int, help="the message number")
     show.add_argument(
         "--raw", action="store_true", help="print the stored record instead, as it is on disk"
     )
@@ -746,18 +726,18 @@ def build_parser() -> argparse.ArgumentParser:
     follow.add_argument("--all", action="store_true", help="print the messages already there first")
     follow.add_argument("--json", action="store_true", help="one JSON object per line instead")
     follow.add_argument(
-        "--count", type=_positive_int, default=None, metavar="N", help="exit after N messages"
+        "--count", type=positive_int, default=None, metavar="N", help="exit after N messages"
     )
     follow.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="S",
         help="exit after S seconds: 0, or 1 if --count messages were not printed by then",
     )
     follow.add_argument(
         "--interval",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_INTERVAL,
         metavar="S",
         help="seconds between two looks (%(default)g)",

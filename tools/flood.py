@@ -80,6 +80,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from selsmtp import reader
+from selsmtp.argtypes import fraction, non_negative_int, port_number, positive_float, positive_int
 
 Reply = tuple[int, bytes]  # (code, the whole reply with its line ends); code 0: closed
 Conversation = Generator[bytes, Reply, None]
@@ -205,34 +206,6 @@ def parse_size(text: str) -> tuple[int, int]:
     return size_min, size_max
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
-    return value
-
-
-def _rate(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flood.py",
@@ -241,15 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="server address, loopback only (%(default)s)")
-    add("--port", type=int, help="server port (required unless --verify-only)")
-    add("--clients", type=_positive_int, default=10, help="concurrent clients (%(default)s)")
+    add("--port", type=port_number, help="server port (required unless --verify-only)")
+    add("--clients", type=positive_int, default=10, help="concurrent clients (%(default)s)")
     add(
         "--processes",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="processes to spread the clients over (%(default)s)",
     )
-    add("--messages", type=_non_negative_int, default=10, help="messages per client (%(default)s)")
+    add("--messages", type=non_negative_int, default=10, help="messages per client (%(default)s)")
     add("--keep-open", action="store_true", help="send all of a client's messages in one session")
     add(
         "--size",
@@ -259,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="body size as stored, fixed or a seeded random range (1024)",
     )
     add("--seed", type=int, default=0, help="seed for sizes, filler and error mix (%(default)s)")
-    add("--recipients", type=_positive_int, default=1, help="recipients per message (%(default)s)")
+    add("--recipients", type=positive_int, default=1, help="recipients per message (%(default)s)")
     add(
         "--pipelining",
         action="store_true",
@@ -273,28 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--split-clients",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=None,
         metavar="N",
         help="only the first N clients split their writes (default: all)",
     )
     add(
         "--duration",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="S",
         help="start no new message after S seconds; finish those under way",
     )
     add(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         metavar="S",
         help="seconds to wait for each reply (%(default)s)",
     )
     add(
         "--bad-rate",
-        type=_rate,
+        type=fraction,
         default=0.0,
         metavar="F",
         help="before a message, with probability F, send invalid commands and check "
@@ -302,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--slow",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         metavar="K",
         help="K more clients that go idle after the greeting and must get 421 (timeout)",
