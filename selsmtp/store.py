@@ -433,7 +433,7 @@ class FileStore:
         a lower number, and the last real head can be far back (a large last
         message); taking the maximum never gives out a number twice. A quoted head
         with a higher number only leaves a gap. This runs only when the state file is
-        lost, through the one descriptor we own, at about a second per gigabyte.
+        lost, through the one descriptor we own, at about half a second per gigabyte.
         """
         size = os.fstat(self._fd).st_size
         highest = 0
