@@ -27,39 +27,19 @@ import pytest
 from selsmtp import formats, rotation, store
 from selsmtp.config import Config
 from selsmtp.durable import State
-from selsmtp.session import Deliver, Envelope
+from selsmtp.session import Deliver
 from selsmtp.store import FileStore, StoreError, cs4410_renderer, mbox_renderer
+from tests.stores import NAME, WAIT, deliver, hold_shared_lock, numbers_in, record
 
 pytestmark = pytest.mark.timeout(60)
 
-NAME = "mx.test"
-WAIT = 10.0
-NUMBER = re.compile(rb"\(CS4410MP3\)\nNumber: (\d+)\n")
 ROTATED = re.compile(r"mailbox\.(\d+)-(\d+)")
 
 OpenStore = Callable[..., FileStore]
 
 
-def deliver(body: Any = b"hello\r\n") -> Deliver:
-    return Deliver(Envelope("client.test", "a@example.org", ("b@example.org",)), body)
-
-
-def record(number: int, body: bytes = b"hello\n") -> bytes:
-    return (
-        b"Received: from client.test by mx.test (CS4410MP3)\n"
-        + b"Number: %d\n" % number
-        + b"From: a@example.org\nTo: b@example.org\n\n"
-        + body
-        + b"\n"
-    )
-
-
 def records(*numbers: int) -> bytes:
     return b"".join(record(n) for n in numbers)
-
-
-def numbers_in(path: Path) -> list[int]:
-    return [int(n) for n in NUMBER.findall(path.read_bytes())]
 
 
 def layout(folder: Path) -> dict[str, list[int]]:
@@ -173,7 +153,7 @@ def test_the_lock_held_by_a_reader_stops_the_batch_and_the_rotation(
     mailbox_store.try_append([deliver()])
     context = multiprocessing.get_context("spawn")
     locked, release = context.Event(), context.Event()
-    reader = context.Process(target=_hold_shared_lock, args=(str(mailbox_path), locked, release))
+    reader = context.Process(target=hold_shared_lock, args=(str(mailbox_path), locked, release))
     reader.start()
     try:
         assert locked.wait(WAIT)
@@ -185,13 +165,6 @@ def test_the_lock_held_by_a_reader_stops_the_batch_and_the_rotation(
 
     assert mailbox_store.try_append([deliver(), deliver()]) == [2, 3]
     assert layout(mailbox_path.parent) == {"mailbox.1-2": [1, 2], "mailbox": [3]}
-
-
-def _hold_shared_lock(path: str, locked: Any, release: Any) -> None:
-    with open(path, "rb") as reader:
-        fcntl.lockf(reader, fcntl.LOCK_SH)
-        locked.set()
-        release.wait(60)
 
 
 # -- restarts --------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import fcntl
 import logging
 import multiprocessing
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,36 +22,14 @@ from typing import Any
 import pytest
 
 from selsmtp import formats, store
-from selsmtp.session import Deliver, Envelope
+from selsmtp.session import Deliver
 from selsmtp.store import FileStore, StartupError, StoreError, cs4410_renderer
+from tests.stores import NAME, WAIT, deliver, hold_shared_lock, numbers_in, record
 
 pytestmark = pytest.mark.timeout(60)
 
-NAME = "mx.test"
-WAIT = 10.0
-NUMBER = re.compile(rb"\(CS4410MP3\)\nNumber: (\d+)\n")
 
 OpenStore = Callable[..., FileStore]
-
-
-def deliver(body: bytes | Any = b"hello\r\n", *recipients: str) -> Deliver:
-    envelope = Envelope("client.test", "a@example.org", recipients or ("b@example.org",))
-    return Deliver(envelope, body)
-
-
-def record(number: int, body: bytes = b"hello\n") -> bytes:
-    """The exact cs4410 record ``deliver(...)`` is stored as (SPEC §5.1)."""
-    return (
-        b"Received: from client.test by mx.test (CS4410MP3)\n"
-        + b"Number: %d\n" % number
-        + b"From: a@example.org\nTo: b@example.org\n\n"
-        + body
-        + b"\n"
-    )
-
-
-def numbers_in(path: Path) -> list[int]:
-    return [int(n) for n in NUMBER.findall(path.read_bytes())]
 
 
 def state_path(mailbox: Path) -> Path:
@@ -558,13 +535,6 @@ def test_spooled_body_with_crlf_across_a_chunk_boundary(
 # -- the lock -----------------------------------------------------------------------
 
 
-def _hold_shared_lock(path: str, locked: Any, release: Any) -> None:
-    with open(path, "rb") as reader:
-        fcntl.lockf(reader, fcntl.LOCK_SH)
-        locked.set()
-        release.wait(60)
-
-
 def test_lock_held_by_a_reader_makes_try_append_return_none(
     open_store: OpenStore, mailbox: Path
 ) -> None:
@@ -572,7 +542,7 @@ def test_lock_held_by_a_reader_makes_try_append_return_none(
     mailbox_store.try_append([deliver()])
     context = multiprocessing.get_context("spawn")
     locked, release = context.Event(), context.Event()
-    reader = context.Process(target=_hold_shared_lock, args=(str(mailbox), locked, release))
+    reader = context.Process(target=hold_shared_lock, args=(str(mailbox), locked, release))
     reader.start()
     try:
         assert locked.wait(WAIT)
@@ -606,7 +576,7 @@ def test_torn_tail_found_while_a_reader_holds_the_lock_is_removed_at_the_next_ap
     assert len(torn) > len(record(1))
     context = multiprocessing.get_context("spawn")
     locked, release = context.Event(), context.Event()
-    reader = context.Process(target=_hold_shared_lock, args=(str(mailbox), locked, release))
+    reader = context.Process(target=hold_shared_lock, args=(str(mailbox), locked, release))
     reader.start()
     try:
         assert locked.wait(WAIT)
@@ -627,7 +597,7 @@ def test_the_lock_is_released_after_each_append(open_store: OpenStore, mailbox: 
     mailbox_store.try_append([deliver()])
     context = multiprocessing.get_context("spawn")
     locked, release = context.Event(), context.Event()
-    reader = context.Process(target=_hold_shared_lock, args=(str(mailbox), locked, release))
+    reader = context.Process(target=hold_shared_lock, args=(str(mailbox), locked, release))
     reader.start()
     try:
         assert locked.wait(WAIT)  # a reader can take its shared lock between appends

@@ -1,0 +1,43 @@
+"""Helpers shared by the tests of the single-file stores (test_store, test_rotation)."""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+from typing import Any
+
+from selsmtp import formats
+from selsmtp.session import Deliver, Envelope
+
+NAME = "mx.test"
+WAIT = 10.0
+
+
+def deliver(body: bytes | Any = b"hello\r\n", *recipients: str) -> Deliver:
+    """A message from a@example.org (to b@example.org unless ``recipients`` say)."""
+    envelope = Envelope("client.test", "a@example.org", recipients or ("b@example.org",))
+    return Deliver(envelope, body)
+
+
+def record(number: int, body: bytes = b"hello\n") -> bytes:
+    """The exact cs4410 record ``deliver(...)`` is stored as (SPEC §5.1)."""
+    return (
+        b"Received: from client.test by mx.test (CS4410MP3)\n"
+        + b"Number: %d\n" % number
+        + b"From: a@example.org\nTo: b@example.org\n\n"
+        + body
+        + b"\n"
+    )
+
+
+def numbers_in(path: Path) -> list[int]:
+    """The record numbers in the cs4410 mailbox at ``path``, in file order."""
+    return [int(n) for n in formats.CS4410_NUMBER.findall(path.read_bytes())]
+
+
+def hold_shared_lock(path: str, locked: Any, release: Any) -> None:
+    """Child process: hold ``lockf(LOCK_SH)`` on ``path`` from ``locked`` to ``release``."""
+    with open(path, "rb") as reader:
+        fcntl.lockf(reader, fcntl.LOCK_SH)
+        locked.set()
+        release.wait(60)
