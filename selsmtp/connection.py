@@ -3,10 +3,10 @@
 The connection is the thin layer between a socket and a :class:`~selsmtp.session.Session`:
 ``recv`` → ``session.receive`` → reply bytes appended to the output buffer → ``send``
 what the kernel takes. It never interprets the protocol. What it asks the selector to
-watch is computed from its state each time something changes (waitress's
-``writable()`` idea): READ unless the session is paused, the client has stopped
-reading its replies (output over the high-water mark) or the connection is closing;
-WRITE only while output is waiting.
+watch is computed from its state (waitress's ``writable()`` idea), once, at the end
+of a loop turn in which it changed: READ unless the session is paused, the client has
+stopped reading its replies (output over the high-water mark) or the connection is
+closing; WRITE only while output is waiting.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Connection:
             self.apply(self.session.receive(view[:size].tobytes()), now)
 
     def apply(self, actions: Iterable[Action], now: float) -> None:
-        """Carry out the session's actions, then send and re-arm as needed."""
+        """Carry out the session's actions, then send what the kernel takes."""
         if self.sock is None:
             return
         out = self.out

@@ -6,15 +6,18 @@ Each turn of :meth:`Server.run_once`:
 
 1. waits in ``select`` until a socket is ready or the nearest deadline, reading the
    clock once afterwards; that ``now`` is passed down and never read again this turn;
-2. calls the callback stored with each ready key: the listener accepts, the wake-up
-   socket notes a stop request, a :class:`~selsmtp.connection.Connection` reads,
+2. dispatches each ready key: the listener accepts, the wake-up socket notes a stop
+   request, a :class:`~selsmtp.connection.Connection` (its own selector data) reads,
    feeds its session and sends its replies;
 3. stores every message that was finished in this turn as one batch: one lock, one
    write, one fsync (group commit), then hands each session its number so its 250
    and anything pipelined behind it go out. If a reader holds the mailbox lock, the
    batch waits (its clients wait for their 250) and the lock is tried again on a later
    turn, while everyone else is served;
-4. closes the connections whose line deadline passed.
+4. closes the connections whose line deadline passed;
+5. brings the selector's interest up to date for the connections that changed in
+   this turn (a pause for a message stored in the same turn costs no epoll_ctl),
+   and flushes the log lines of the turn.
 
 Because deliveries happen here, in the loop, one at a time, nothing in the process
 ever writes the mailbox concurrently: no lock is needed inside the process. The
