@@ -721,14 +721,20 @@ def _asctime_date(line: bytes) -> datetime | None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Trace:
-    number: int
-    sender: str
+    number: int | None
+    sender: str | None
     helo_name: str | None
     server_name: str | None
     date: datetime | None
 
 
-def _trace(found: re.Match[bytes]) -> _Trace:
+#: What a message without selsmtp's trace lines tells: nothing.
+_NO_TRACE: Final = _Trace(None, None, None, None, None)
+
+
+def _trace(found: re.Match[bytes] | None) -> _Trace:
+    if found is None:
+        return _NO_TRACE
     path = _decode(found["path"].strip())
     if path.startswith("<") and path.endswith(">"):
         path = path[1:-1]
@@ -771,24 +777,11 @@ def _mbox_message(data: bytes, start: int, end: int) -> Message:
     found = TRACE.match(data, line_end + 1, end)
     content_start = found.end() if found else line_end + 1
     content = _QUOTED_FROM.sub(rb"\1", data[content_start : end - 1])
-    if found is None:
-        return Message(
-            format="mbox",
-            number=None,
-            sender=_decode(from_line.split(b" ", 1)[0]),
-            recipients=None,
-            helo_name=None,
-            server_name=None,
-            date=_asctime_date(from_line),
-            content=content,
-            offset=start,
-            length=end - start,
-        )
     trace = _trace(found)
     return Message(
         format="mbox",
         number=trace.number,
-        sender=trace.sender,
+        sender=_decode(from_line.split(b" ", 1)[0]) if found is None else trace.sender,
         recipients=None,
         helo_name=trace.helo_name,
         server_name=trace.server_name,
@@ -904,20 +897,6 @@ def parse_maildir_message(name: str, data: bytes) -> Message:
     Its date is the one of selsmtp's ``Received:`` line, or else the delivery time
     at the start of the file name."""
     found = TRACE.match(data)
-    if found is None:
-        return Message(
-            format="maildir",
-            number=None,
-            sender=None,
-            recipients=None,
-            helo_name=None,
-            server_name=None,
-            date=_maildir_time(name),
-            content=data,
-            offset=0,
-            length=len(data),
-            name=name,
-        )
     trace = _trace(found)
     return Message(
         format="maildir",
@@ -927,7 +906,7 @@ def parse_maildir_message(name: str, data: bytes) -> Message:
         helo_name=trace.helo_name,
         server_name=trace.server_name,
         date=trace.date or _maildir_time(name),
-        content=data[found.end() :],
+        content=data if found is None else data[found.end() :],
         offset=0,
         length=len(data),
         name=name,
