@@ -43,7 +43,7 @@ class Connection:
     """One client. Created by the server on accept; lives until :meth:`close`."""
 
     __slots__ = (
-        "_lines_seen",
+        "_progress_seen",
         "_server",
         "closing",
         "deadline",
@@ -71,7 +71,7 @@ class Connection:
         self.deadline = now + server.config.timeout
         self.in_heap = False  # owned by the server's deadline heap
         self.messages = 0
-        self._lines_seen = 0
+        self._progress_seen = 0
 
     def __lt__(self, other: Connection) -> bool:
         # Why: deadline heap entries are (deadline, connection); equal deadlines fall
@@ -119,8 +119,8 @@ class Connection:
         session = self.session
         if session.paused:
             self.deadline = NEVER  # the store, not the client, is what we wait for
-        elif session.lines_completed != self._lines_seen or self.deadline == NEVER:
-            self._lines_seen = session.lines_completed
+        elif session.progress != self._progress_seen or self.deadline == NEVER:
+            self._progress_seen = session.progress
             self.deadline = now + self._server.config.timeout
             self._server.watch_deadline(self)
         if out:

@@ -62,9 +62,24 @@ FROM_LINE: Final = re.compile(rb"(?m)^>*From ")
 #: The start of a line (its end not seen yet) that may still turn out to be one.
 _MAYBE_FROM_LINE: Final = re.compile(rb">*(F|Fr|Fro|From)?")
 
+#: a CR that is not the first half of a CRLF (at the very end of the data too)
+_BARE_CR: Final = re.compile(rb"\r(?!\n)")
+
 #: English names, whatever the locale (as asctime and RFC 5322 want), three letters each
 _WEEKDAYS: Final = "MonTueWedThuFriSatSun"
 _MONTHS: Final = "JanFebMarAprMayJunJulAugSepOctNovDec"
+
+
+def crlf_to_lf(data: bytes) -> bytes:
+    """``data`` with every CRLF turned into LF; bare CR and bare LF stay as they are.
+
+    Why not just ``replace``: with a line end every few dozen bytes it copies piece by
+    piece, about three times slower than deleting every CR with ``translate``, which
+    gives the same bytes whenever each CR is followed by an LF (all real mail).
+    """
+    if _BARE_CR.search(data):
+        return data.replace(b"\r\n", b"\n")
+    return data.translate(None, b"\r")
 
 
 def lf_lines(body: Body) -> Iterator[bytes]:
@@ -74,7 +89,7 @@ def lf_lines(body: Body) -> Iterator[bytes]:
     spooled chunk is held back until the next chunk says whether an LF follows.
     """
     if isinstance(body, bytes):
-        yield body.replace(b"\r\n", b"\n")
+        yield crlf_to_lf(body)
         return
     held = b""
     while chunk := body.read(CHUNK):
@@ -82,7 +97,7 @@ def lf_lines(body: Body) -> Iterator[bytes]:
         held = b""
         if chunk.endswith(b"\r"):
             chunk, held = chunk[:-1], b"\r"
-        yield chunk.replace(b"\r\n", b"\n")
+        yield crlf_to_lf(chunk)
     if held:
         yield held
 

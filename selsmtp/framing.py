@@ -8,9 +8,10 @@ every byte until the end-of-data line and hands back what follows it, which is
 pipelined command input again.
 
 Both readers are resumable: they remember how far they have searched, keep at most a
-few bytes of lookahead, and never loop over bytes in Python (``find`` and ``replace``
-do the work in C), so any split of the input, down to one byte per read, gives the
-same lines and the same message.
+few bytes of lookahead, and never loop over bytes in Python (``find`` does the work in
+C; Python sees only lines, and in message data only the lines that start with a dot),
+so any split of the input, down to one byte per read, gives the same lines and the
+same message.
 
 Command lines (RFC 5321 §2.3.8, §4.5.3.1.4) end in CRLF; a bare LF is accepted too, for
 people typing into telnet or netcat. A line may be 512 bytes long, its line ending
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 
 CRLF: Final = b"\r\n"
 END_OF_DATA: Final = b"\r\n.\r\n"
+#: a data line that starts with a dot: the end-of-data line, or a dot to unstuff
+DOT_LINE: Final = b"\r\n."
+#: dot lines in one read past which they are unstuffed in bulk (see DataReader.feed)
+MANY_DOT_LINES: Final = 16
 
 
 class LineStatus(enum.Enum):
@@ -101,7 +106,7 @@ class DataReader:
         "_chunks",
         "_max_size",
         "_new_spool",
-        "_prefix",
+        "_skip",
         "_spool",
         "_spool_threshold",
         "size",
@@ -120,7 +125,7 @@ class DataReader:
         self._spool_threshold = spool_threshold
         self._new_spool = new_spool
         self._carry = CRLF  # bytes seen but not yet judged; starts with the virtual CRLF
-        self._prefix = True  # the virtual CRLF is still at the front of the output
+        self._skip = len(CRLF)  # bytes at the front of the carry never to be kept
         self._chunks: list[bytes] = []
         self._spool: BinaryIO | None = None
         self.size = 0
@@ -130,34 +135,69 @@ class DataReader:
 
     def feed(self, data: bytes) -> bytes | None:
         """Consume ``data``. Returns ``None`` while the message goes on, or, once the
-        end-of-data line has been read, the bytes that followed it (maybe ``b""``)."""
+        end-of-data line has been read, the bytes that followed it (maybe ``b""``).
+
+        One ``find`` for ``CRLF .`` (a line that starts with a dot) finds both the
+        end-of-data line and every dot to unstuff, so each byte is scanned once and
+        Python sees only the dot lines, which are rare in real mail. Data with many of
+        them goes to :meth:`_feed_dotted`, which has C do each step over all of it.
+        """
         search = self._carry + data if self._carry else data
+        kept = self._skip  # search[:kept] is already emitted, dropped or virtual
+        hit = search.find(DOT_LINE)
+        dots = 0
+        while 0 <= hit <= len(search) - len(END_OF_DATA):
+            if search[hit + 3] == 0x0D and search[hit + 4] == 0x0A:  # CRLF . CRLF
+                self._emit(search[kept : hit + 2])  # the last line keeps its CRLF
+                self._carry, self._skip = b"", 0
+                return search[hit + 5 :]
+            dots += 1
+            if dots > MANY_DOT_LINES:
+                self._emit(search[kept:hit])
+                return self._feed_dotted(search[hit:])
+            # RFC 5321 §4.5.2: a line that starts with a dot has that dot removed.
+            self._emit(search[kept : hit + 2])
+            kept = hit + 3
+            hit = search.find(DOT_LINE, kept)
+        # Keep back whatever may still turn out to start a dot line or the end line:
+        # a "CRLF ." too near the end to judge, or a trailing CR or CRLF.
+        if hit >= 0:
+            cut = hit
+        elif search.endswith(CRLF):
+            cut = len(search) - 2
+        elif search.endswith(b"\r"):
+            cut = len(search) - 1
+        else:
+            cut = len(search)
+        if cut > kept:
+            self._emit(search[kept:cut])
+        self._carry, self._skip = search[cut:], max(0, kept - cut)
+        return None
+
+    def _feed_dotted(self, search: bytes) -> bytes | None:
+        """:meth:`feed` for data that starts at a line start (a CRLF) and holds many
+        dot lines: one ``find`` for the end, one ``replace`` to unstuff."""
         end = search.find(END_OF_DATA)
         if end >= 0:
-            self._emit(search[: end + 2])  # the last line keeps its CRLF
-            self._carry = b""
+            self._emit(search[: end + 2].replace(DOT_LINE, CRLF))
+            self._carry, self._skip = b"", 0
             return search[end + 5 :]
-        # Keep the last four bytes (a possible partial terminator), and never cut
-        # inside a "CRLF ." so that unstuffing sees every line start whole.
+        # Keep the last four bytes (a possible partial end line), and never cut inside
+        # a "CRLF ." so that the replace sees every line start whole.
         cut = len(search) - 4
         if cut > 0:
             if search[cut - 1] == 0x0D:
                 cut -= 1
-            elif cut >= 2 and search[cut - 2] == 0x0D and search[cut - 1] == 0x0A:
+            elif cut >= 2 and search[cut - 2 : cut] == CRLF:
                 cut -= 2
         if cut <= 0:
-            self._carry = search
+            self._carry, self._skip = search, 0
             return None
-        self._emit(search[:cut])
-        self._carry = search[cut:]
+        self._emit(search[:cut].replace(DOT_LINE, CRLF))
+        self._carry, self._skip = search[cut:], 0
         return None
 
     def _emit(self, piece: bytes) -> None:
-        # RFC 5321 §4.5.2: a line that starts with a dot has that dot removed.
-        piece = piece.replace(b"\r\n.", CRLF)
-        if self._prefix:
-            piece = piece[2:]
-            self._prefix = False
         if not piece:
             return
         self.size += len(piece)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 
 import pytest
 
@@ -78,6 +79,15 @@ def test_an_empty_body_gives_the_header_and_the_closing_blank_line() -> None:
 def test_crlf_becomes_lf_and_every_other_byte_stays(body: bytes, written: bytes) -> None:
     header = formats.cs4410_header(1, ENVELOPE, "test.example")
     assert record(1, ENVELOPE, body) == header + written + b"\n"
+
+
+def test_the_fast_crlf_conversion_agrees_with_replace_on_every_short_input() -> None:
+    # Every string of up to 7 bytes over {a, CR, LF}: every way a CR can be bare,
+    # paired, doubled or last.
+    for length in range(8):
+        for letters in itertools.product(b"a\r\n", repeat=length):
+            data = bytes(letters)
+            assert formats.crlf_to_lf(data) == data.replace(b"\r\n", b"\n"), data
 
 
 def test_utf8_names_and_addresses_are_written_as_utf8() -> None:

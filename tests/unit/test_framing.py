@@ -9,7 +9,7 @@ from typing import BinaryIO
 
 import pytest
 
-from selsmtp.framing import DataReader, LineReader, LineStatus
+from selsmtp.framing import MANY_DOT_LINES, DataReader, LineReader, LineStatus
 from tests.scripts import body_bytes, splits, two_piece_splits
 
 # -- LineReader ----------------------------------------------------------------
@@ -237,6 +237,24 @@ def test_random_data_reads_like_the_line_at_a_time_model() -> None:
         expected = reference(data)
         body, rest, _ = read_data(chunks)
         assert (None if body is None else (body, rest)) == expected, (data, cuts)
+
+
+def test_data_thick_with_dot_lines_reads_like_the_model() -> None:
+    # More than MANY_DOT_LINES dot lines in one read switch the reader to its bulk
+    # path; the bytes must not change whichever path a read takes, or where it is cut.
+    rng = random.Random(5510)
+    lines = [b"..", b".x", b"...", b".\r", b".\n", b"", b"a", b"\r", b"a\n.", b"\n.\r"]  # never "."
+    bulky = 0
+    for _ in range(400):
+        data = b"\r\n".join(rng.choice(lines) for _ in range(rng.randint(30, 120)))
+        data += rng.choice([b"\r\n.\r\n", b"\r\n.\r\nQUIT\r\n", b"\r\n.\r", b""])
+        expected = reference(data)
+        end = len(data) if expected is None else len(data) - len(expected[1])
+        bulky += data.count(b"\r\n.", 0, end) > MANY_DOT_LINES
+        for chunks in splits(data, random_splits=4):
+            body, rest, _ = read_data(chunks)
+            assert (None if body is None else (body, rest)) == expected, (data, chunks)
+    assert bulky > 300
 
 
 def test_body_bytes_are_kept_untouched() -> None:

@@ -938,12 +938,23 @@ def test_a_spooled_body_has_the_same_bytes(make_session: MakeSession) -> None:
     assert isinstance(deliver.body, io.BytesIO)
 
 
-def test_lines_completed_counts_command_and_data_lines(make_session: MakeSession) -> None:
+def test_progress_moves_when_a_command_or_data_line_completes(make_session: MakeSession) -> None:
     session = make_session()
     converse(session, ENVELOPE + b"DATA\r\none\r\ntwo")
-    assert session.lines_completed == 5
-    converse(session, b"\r\n.\r\nNOOP\r\nNO")
-    assert session.lines_completed == 8
+    seen = session.progress
+    assert seen > 0
+    for data, moves in [
+        (b" still the line two", False),
+        (b"\r", False),
+        (b"\n", True),  # data line "two ..." ended
+        (b"thr", False),
+        (b"ee\r\n.\r\n", True),
+        (b"NO", False),
+        (b"OP\r\n", True),  # a command line ended
+    ]:
+        converse(session, data)
+        assert (session.progress != seen) is moves, data
+        seen = session.progress
 
 
 def test_play_answers_every_deliver_before_the_replies_behind_it(
