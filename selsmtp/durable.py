@@ -6,6 +6,12 @@ inside the mailbox. It holds the last number given out, so numbers continue acro
 restarts without reading any mail, and the commit marker of an append (SPEC §5.5).
 The line is rewritten in place with one ``pwrite``, padded to a fixed length and
 checksummed, so a torn write is recognised rather than believed.
+
+The line names the boot of the machine it was written in (:func:`boot_id`). Within
+one boot the page cache makes every write visible to the next reader, fsync'd or
+not, so after a crash of the process alone the line is exactly the last one written.
+After a reboot (a power cut, say) only fsync'd writes are sure to be there, and the
+line may be older than the mailbox: the store reads it with that in mind.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ MAX_IOV: Final = 512
 WRITE_CHUNK: Final = 4 << 20
 
 _MAGIC: Final = "selsmtp-state"
-_VERSION: Final = 2
-_SIZE: Final = 128
+_VERSION: Final = 3
+_SIZE: Final = 256
+#: where Linux names the current boot; elsewhere every start counts as after a reboot
+BOOT_ID_PATH: Final = "/proc/sys/kernel/random/boot_id"
 
 Fsync = Callable[[int], None]
 
@@ -113,13 +121,24 @@ def write_pieces(fd: int, pieces: Iterable[bytes]) -> int:
     return written + write_all(fd, gathered)
 
 
+def boot_id() -> str:
+    """A name for the current boot of this machine: 16 hex digits, or ``""`` if unknown."""
+    try:
+        with open(BOOT_ID_PATH, "rb") as file:
+            text = file.read(64).decode("ascii", "replace")
+    except OSError:
+        return ""
+    digits = "".join(c for c in text if c in "0123456789abcdef")
+    return digits[:16]
+
+
 class State:
     """The committed state of one mailbox, as kept in its state file.
 
-    ``-1`` means "none" or "unknown" in every field but ``number``.
+    ``-1`` means "none" or "unknown" in every field but ``number``; ``""`` in ``boot``.
     """
 
-    __slots__ = ("dev", "first", "ino", "number", "pending", "size")
+    __slots__ = ("boot", "dev", "end", "first", "ino", "number", "pending", "reserved", "size")
 
     def __init__(self) -> None:
         self.number = 0  #: the last number given out
@@ -132,6 +151,13 @@ class State:
         #: the number of the first record selsmtp wrote into the current file (the A
         #: of its rotated name PATH.A-B)
         self.first = -1
+        #: where the pending batch ends when written whole (file offset)
+        self.end = -1
+        #: numbers up to here may have been given out: the last one that a line made
+        #: durable by fsync promised (see FileStore)
+        self.reserved = -1
+        #: the boot this line was written in (:func:`boot_id`)
+        self.boot = ""
 
     def copy(self) -> State:
         other = State()
@@ -140,29 +166,39 @@ class State:
         return other
 
     def encode(self) -> bytes:
-        fields = (self.number, self.size, self.dev, self.ino, self.pending, self.first)
-        text = " ".join([_MAGIC, str(_VERSION), *map(str, fields)])
+        fields = (
+            *(self.number, self.size, self.dev, self.ino, self.pending, self.first),
+            *(self.end, self.reserved),
+        )
+        text = " ".join([_MAGIC, str(_VERSION), *map(str, fields), self.boot or "-"])
         return f"{text} {zlib.crc32(text.encode()):08x}\n".encode().ljust(_SIZE, b" ")
 
     @classmethod
     def decode(cls, data: bytes) -> State | None:
         """The state in ``data``, or ``None`` if it is not a whole, intact state line.
 
-        Version 1 lines (no ``first`` field) are read too."""
+        Version 1 lines (no ``first``) and version 2 lines (no ``end``, ``reserved``
+        or ``boot``) are read too."""
         text, _, crc = data.strip().decode("ascii", "replace").rpartition(" ")
         fields = text.split(" ")
         if fields[0] != _MAGIC or len(fields) < 2 or crc != f"{zlib.crc32(text.encode()):08x}":
             return None
+        version, boot = fields[1], ""
+        if version == str(_VERSION) and len(fields) > 2:
+            boot = "" if fields[-1] == "-" else fields[-1]
+            fields = fields[:-1]
         try:
             values = [int(field) for field in fields[2:]]
         except ValueError:
             return None
-        if (fields[1], len(values)) == ("1", 5):
-            values.append(-1)
-        elif (fields[1], len(values)) != (str(_VERSION), 6):
+        wanted = {"1": 5, "2": 6, str(_VERSION): 8}
+        if wanted.get(version) != len(values):
             return None
+        values += [-1] * (8 - len(values))
         state = cls()
-        state.number, state.size, state.dev, state.ino, state.pending, state.first = values
+        state.number, state.size, state.dev, state.ino, state.pending, state.first = values[:6]
+        state.end, state.reserved = values[6:]
+        state.boot = boot
         return state
 
 

@@ -11,11 +11,13 @@ nothing else in the process ever opens it. A batch of finished messages is store
    return ``None`` at once (the loop never blocks; the caller tries again later);
 2. check that the path still names the file we hold (a consumer may have renamed it
    away; then the file is created again at the path);
-3. note the file's length, then write every record of the batch through the raw
-   descriptor (``writev``, looping over short writes);
-4. ``fsync`` the file, then record the new committed length and last number in the
-   state file beside it and ``fsync`` that;
-5. release the lock. Only now may the caller send the 250 replies.
+3. render the batch and measure it, then write the commit marker to the state file:
+   the batch starts at the file's length and ends ``length`` bytes later, and its
+   numbers are taken;
+4. write every record of the batch through the raw descriptor (``writev``, looping
+   over short writes), and ``fsync`` the file: the one fsync a batch costs;
+5. record the new committed length in the state file, and release the lock. Only
+   now may the caller send the 250 replies.
 
 If a write or an fsync fails, the file is cut back to its length before the batch
 while the lock is still held, and :class:`StoreError` is raised: nothing partial is
@@ -25,19 +27,39 @@ The state file
 --------------
 ``PATH.selsmtp`` (:class:`~selsmtp.durable.StateFile`) holds one short line: the last
 number given out, the mailbox length after the last commit, the identity (device,
-inode) of that file, the first number selsmtp wrote into it, and, while a batch is
-being written, the offset it started at. It makes numbers continue across restarts
-without reading the mailbox, and it is the commit marker of SPEC §5.5: at start-up,
-bytes past the start of a batch that was being written when the process died are a
-torn tail and are removed. Bytes past the committed length with no batch in progress
-were appended by another program under the lock and are kept. A reader that empties
-the mailbox (movemail) or renames it away needs no help from us: the next batch sees
-the new length or the new file, and the numbers go on.
+inode) of that file, the first number selsmtp wrote into it, while a batch is being
+written the offsets it starts and ends at, the numbers reserved, and the boot of the
+machine. It makes numbers continue across restarts without reading the mailbox, and
+it is the commit marker of SPEC §5.5.
+
+Why the line needs no fsync per batch: after a crash of the process alone, the page
+cache still holds the last line written, fsync'd or not. It says a batch was being
+written only if its fsync had not finished, so no 250 went out, and the bytes past
+the batch's start are a torn tail, removed at start-up (whole or not). Bytes past the
+committed length with no batch in progress were appended by another program under
+the lock and are kept.
+
+After a reboot (a power cut), the line may be any one written since its last fsync,
+older than the mailbox, whose acknowledged records were all fsync'd. Start-up knows
+this case by the boot named in the line, and reads the line as a lower bound: a
+batch it names as pending stays if all of its bytes are in the file (its 250 may have
+gone out), and is cut only if it is not whole; numbers continue after the highest
+number in the records past what the line knows. Two rules keep this sound:
+
+* the line is fsync'd whenever the file is not the one it describes (a new file, or
+  one emptied by a consumer), so an older line always describes the current file;
+* a line that is fsync'd reserves the next :data:`RESERVED_NUMBERS` numbers, and no
+  number past the reservation is given out before a line reserving it is fsync'd.
+  If a consumer took the records away before the power went, numbers continue after
+  the reservation (a gap, never a repeat). A clean stop records the exact number.
+
+A reader that empties the mailbox (movemail) or renames it away needs no help from
+us: the next batch sees the new length or the new file, and the numbers go on.
 
 Rotation
 --------
 With ``rotate=N``, a batch that crosses a multiple of N is split there: each part is
-committed (steps 3-4) into its own file, and between the parts the file is renamed to
+committed (steps 3-5) into its own file, and between the parts the file is renamed to
 ``PATH.A-B`` and a new one begins, under the lock (:mod:`selsmtp.rotation` has the
 policy and the crash analysis). If a later part fails, the parts already committed
 are cut back too, so a batch is stored whole or not at all; their numbers stay
@@ -65,6 +87,7 @@ from selsmtp.durable import (
     State,
     StateFile,
     StoreError,
+    boot_id,
     fsync_directory,
     same_file,
     write_all,
@@ -99,6 +122,9 @@ STATE_SUFFIX: Final = ".selsmtp"
 #: the start-up scan reads chunks that overlap by this much, so a record header
 #: cut by a chunk boundary is seen whole in one of them
 SCAN_OVERLAP: Final = 8192
+#: how far past the last number a durable state line reserves numbers; the line is
+#: fsync'd again only when they run out (once per this many messages)
+RESERVED_NUMBERS: Final = 1000
 
 #: ``render(number, deliver, now)`` yields the bytes of one record
 Renderer = Callable[[int, Deliver, float], Iterable[bytes]]
@@ -126,6 +152,7 @@ class FileStore:
         rotate: int | None = None,
         number_pattern: re.Pattern[bytes] = formats.CS4410_NUMBER,
         clock: Callable[[], float] = time.time,
+        boot: str | None = None,
     ) -> None:
         self.path = os.path.abspath(path)
         self.state_path = self.path + STATE_SUFFIX
@@ -140,6 +167,8 @@ class FileStore:
         self._state = State()
         self._torn = False  # a crash left a batch unfinished; repair before appending
         self._torn_size = -1  # the mailbox's length when that was found
+        self._boot = boot_id() if boot is None else boot
+        self._ready = False  # recovered: the state in memory is the mailbox's
         try:
             self._fd = self._open_mailbox()
             self._states = StateFile(self.state_path, self._fsync)
@@ -152,12 +181,23 @@ class FileStore:
         except OSError as exc:
             self.close()
             raise StartupError(f"cannot recover mailbox {self.path}: {exc.strerror}") from exc
+        self._ready = True
 
     @property
     def last_number(self) -> int:
         return self._state.number
 
     def close(self) -> None:
+        """Record the exact last number durably (no reservation to skip at the next
+        start), then close every descriptor."""
+        state = self._state
+        if self._ready and not self._torn and state.pending < 0 and self._states is not None:
+            self._ready = False
+            state.reserved = state.number
+            try:
+                self._states.save(state, sync=True)
+            except OSError:
+                log.error("cannot update %s", self.state_path, exc_info=True)
         for fd in [self._fd, *self._retired]:
             if fd >= 0:
                 os.close(fd)
@@ -222,31 +262,55 @@ class FileStore:
         start = st.st_size
         state = self._state
         number, first = state.number, state.first
+        # The state line is made durable when what it last made durable stops being
+        # true: numbers past the reservation, or a file that is not the one the line
+        # describes (new, or emptied by a consumer).
+        sync = (
+            number + len(part) > state.reserved
+            or (st.st_dev, st.st_ino) != (state.dev, state.ino)
+            or start < state.size
+        )
         try:
-            # The first half of the commit marker: the batch started at ``start``, and
-            # its numbers are reserved. Why no fsync: against a process crash the page
-            # cache is enough; against a power cut, losing this line at worst keeps
-            # the batch's bytes as if another program had appended them (see the
-            # README's Guarantees).
+            records, length = self._render_part(number + 1, part, now)
+            # The commit marker: the batch starts at ``start`` and ends at ``end``,
+            # and its numbers are taken. No fsync (see "The state file" above).
             state.dev, state.ino, state.size, state.pending = st.st_dev, st.st_ino, start, start
+            state.end = start + length
             state.number = number + len(part)
             if state.first < 0:
                 state.first = number + 1
-            self._save_state(sync=False)
-            written = self._write(number + 1, part, now)
+            self._save_state(sync=sync)
+            written = write_pieces(self._fd, itertools.chain.from_iterable(records))
+            if written != length:
+                raise OSError(errno.EIO, f"wrote {written} bytes of a {length}-byte batch")
             self._fsync(self._fd)
-            state.size, state.pending = start + written, -1  # the second half
-            self._save_state(sync=True)
+            state.size, state.pending, state.end = start + written, -1, -1
+            self._save_state(sync=False)
         except OSError:
             self._roll_back(start, number, first)
             raise
         return start
 
-    def _write(self, first: int, batch: Sequence[Deliver], now: float) -> int:
-        records = (
-            self._render(number, deliver, now) for number, deliver in enumerate(batch, first)
-        )
-        return write_pieces(self._fd, itertools.chain.from_iterable(records))
+    def _render_part(
+        self, first: int, part: Sequence[Deliver], now: float
+    ) -> tuple[list[Iterable[bytes]], int]:
+        """The records of ``part`` (numbered from ``first``) and their total length.
+
+        A spooled message is rendered twice, once to measure it and once, lazily, to
+        write it, so that it never has to sit in memory whole."""
+        records: list[Iterable[bytes]] = []
+        length = 0
+        for number, deliver in enumerate(part, first):
+            body = deliver.body
+            if isinstance(body, bytes):
+                pieces = list(self._render(number, deliver, now))
+                length += sum(map(len, pieces))
+                records.append(pieces)
+            else:
+                length += sum(map(len, self._render(number, deliver, now)))
+                body.seek(0)
+                records.append(self._render(number, deliver, now))
+        return records, length
 
     def _roll_back(self, start: int, number: int, first: int) -> None:
         """Cut the file back to ``start`` and the numbers back to ``number``."""
@@ -257,6 +321,7 @@ class FileStore:
             log.critical("cannot cut %s back to %d bytes", self.path, start, exc_info=True)
         state = self._state
         state.number, state.first, state.size, state.pending = number, first, start, -1
+        state.end = -1
         self._save_state_or_log()
 
     def _take_back(self, done: list[tuple[int, int]], before: State) -> None:
@@ -277,8 +342,14 @@ class FileStore:
         self._save_state_or_log()
 
     def _save_state(self, *, sync: bool) -> None:
+        """Write the state line. A durable line that gives out numbers past the
+        reservation reserves the next ones too: they can then be given out with no
+        fsync of the line until they run out."""
         assert self._states is not None
-        self._states.save(self._state, sync=sync)
+        state = self._state
+        if sync and state.number > state.reserved:
+            state.reserved = state.number + RESERVED_NUMBERS
+        self._states.save(state, sync=sync)
 
     def _save_state_or_log(self) -> None:
         try:
@@ -366,8 +437,11 @@ class FileStore:
         self._state = saved
         rotation.remove_leftovers(self.path, self._fd, saved.first, saved.number)
         st = os.fstat(self._fd)
-        if (st.st_dev, st.st_ino) != (saved.dev, saved.ino):
+        same_file = (st.st_dev, st.st_ino) == (saved.dev, saved.ino)
+        if not same_file:
             saved.first = -1  # not the file the state knows: a new one
+        if not saved.boot or saved.boot != self._boot:
+            self._recover_after_reboot(saved, same_file, st.st_size)
         if saved.pending < 0:
             return
         # A batch was being written when the process died. Its numbers stay reserved
@@ -384,8 +458,35 @@ class FileStore:
         finally:
             self._unlock()
 
+    def _recover_after_reboot(self, saved: State, same_file: bool, size: int) -> None:
+        """The machine restarted since the state line was written, so the line may be
+        older than the mailbox (only its fsync'd versions are sure to have survived):
+        find what it missed, and record the result durably."""
+        if same_file and size >= saved.size >= 0:
+            if 0 <= saved.pending <= saved.end <= size:
+                # The batch was written whole, and its fsync may have been done and
+                # its 250 sent before the power went: it stays.
+                saved.size, saved.pending, saved.end = saved.end, -1, -1
+            # Records past what the line knows were acknowledged after it was written.
+            highest = self._scan_highest_number(saved.size)
+        else:
+            # The file the line describes was emptied or replaced, so its records
+            # cannot be read. Numbers up to the reservation may have been given out.
+            highest = saved.reserved
+        if highest > saved.number:
+            log.warning(
+                "the state of %s was older than the mailbox (the machine restarted); "
+                "numbers continue after %d",
+                self.path,
+                highest,
+            )
+            saved.number = highest
+        saved.boot = self._boot
+        self._save_state(sync=True)
+
     def _recover_without_state(self) -> None:
         state = self._state
+        state.boot = self._boot
         state.number = max(self._scan_highest_number(), rotation.last_rotated_number(self.path))
         if state.number:
             log.info("no state file; the last number of %s is %d", self.path, state.number)
@@ -421,13 +522,13 @@ class FileStore:
                 st.st_size - saved.pending,
                 self.path,
             )
-        self._state.pending = -1
+        self._state.pending = self._state.end = -1
         self._state.size = os.fstat(self._fd).st_size
         self._save_state(sync=True)
         self._torn = False
 
-    def _scan_highest_number(self) -> int:
-        """The highest record number anywhere in the mailbox (0 if none).
+    def _scan_highest_number(self, start: int = 0) -> int:
+        """The highest record number anywhere in the mailbox past ``start`` (0 if none).
 
         Why the whole file and not just its tail: a body may quote a record head with
         a lower number, and the last real head can be far back (a large last
@@ -437,7 +538,6 @@ class FileStore:
         """
         size = os.fstat(self._fd).st_size
         highest = 0
-        start = 0
         while start < size:
             chunk = os.pread(self._fd, min(formats.CHUNK + SCAN_OVERLAP, size - start), start)
             for match in self._number_pattern.finditer(chunk):

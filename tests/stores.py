@@ -1,12 +1,14 @@
-"""Helpers shared by the tests of the single-file stores (test_store, test_rotation)."""
+"""Helpers shared by the tests of the single-file stores (test_store, test_rotation, test_mbox)."""
 
 from __future__ import annotations
 
 import fcntl
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from selsmtp import formats
+from selsmtp import durable, formats
 from selsmtp.session import Deliver, Envelope
 
 NAME = "mx.test"
@@ -41,3 +43,15 @@ def hold_shared_lock(path: str, locked: Any, release: Any) -> None:
         fcntl.lockf(reader, fcntl.LOCK_SH)
         locked.set()
         release.wait(60)
+
+
+def die_in_the_middle_of_the_next_write() -> None:
+    """In a child process: the next batch written puts all but its last byte in the
+    file, and the process dies there (exit status 3), as in a crash mid-append."""
+
+    def write_most(fd: int, pieces: Sequence[bytes]) -> int:
+        data = b"".join(pieces)
+        os.write(fd, data[:-1])
+        os._exit(3)
+
+    durable.write_all = write_most  # type: ignore[assignment]

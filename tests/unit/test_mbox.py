@@ -13,7 +13,6 @@ import io
 import logging
 import mailbox
 import multiprocessing
-import os
 import random
 import re
 import time
@@ -28,6 +27,7 @@ from selsmtp import formats, store
 from selsmtp.config import Config
 from selsmtp.session import Deliver, Envelope
 from selsmtp.store import FileStore, mbox_renderer
+from tests.stores import die_in_the_middle_of_the_next_write
 
 NAME = "mx.test"
 NOW = 1_700_000_000.25  # Tue Nov 14 22:13:20 2023 UTC
@@ -327,16 +327,10 @@ def test_open_store_picks_the_format(tmp_path: Path) -> None:
 
 
 def _crash_in_the_middle_of_an_append(path: str) -> None:
-    """Child process: store one message, then die with the second half written."""
-
-    def render(number: int, message: Deliver, now: float) -> Iterator[bytes]:
-        yield from mbox_renderer(NAME)(number, message, now)
-        if number == 2:
-            yield b"x" * store.WRITE_CHUNK  # big enough to be written at once
-            os._exit(3)
-
-    crashing = FileStore(path, render, number_pattern=formats.MBOX_NUMBER)
+    """Child process: store one message, then die with the second one all but written."""
+    crashing = FileStore(path, mbox_renderer(NAME), number_pattern=formats.MBOX_NUMBER)
     crashing.try_append([deliver()])
+    die_in_the_middle_of_the_next_write()
     crashing.try_append([deliver(b"From a torn message\r\n")])
 
 

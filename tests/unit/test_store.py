@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,18 @@ from typing import Any
 import pytest
 
 from selsmtp import formats, store
+from selsmtp.durable import State
 from selsmtp.session import Deliver
 from selsmtp.store import FileStore, StartupError, StoreError, cs4410_renderer
-from tests.stores import NAME, WAIT, deliver, hold_shared_lock, numbers_in, record
+from tests.stores import (
+    NAME,
+    WAIT,
+    deliver,
+    die_in_the_middle_of_the_next_write,
+    hold_shared_lock,
+    numbers_in,
+    record,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,8 +56,10 @@ def open_store(mailbox: Path) -> Iterator[OpenStore]:
     """``open_store(path=mailbox, render=cs4410)``; every store is closed at teardown."""
     opened: list[FileStore] = []
 
-    def open_one(path: Path = mailbox, render: store.Renderer | None = None) -> FileStore:
-        opened.append(FileStore(str(path), render or cs4410_renderer(NAME)))
+    def open_one(
+        path: Path = mailbox, render: store.Renderer | None = None, **options: Any
+    ) -> FileStore:
+        opened.append(FileStore(str(path), render or cs4410_renderer(NAME), **options))
         return opened[-1]
 
     yield open_one
@@ -166,15 +178,9 @@ def test_scan_ignores_absurdly_long_numbers(open_store: OpenStore, mailbox: Path
 
 def _crash_in_the_middle_of_an_append(path: str) -> None:
     """Child process: store one message, then die while the second is half written."""
-
-    def render(number: int, message: Deliver, now: float) -> Iterator[bytes]:
-        yield from cs4410_renderer(NAME)(number, message, now)
-        if number == 2:
-            yield b"x" * store.WRITE_CHUNK  # big enough to be written at once
-            os._exit(3)  # a crash: no clean-up, no roll-back
-
-    crashing = FileStore(path, render)
+    crashing = FileStore(path, cs4410_renderer(NAME))
     crashing.try_append([deliver()])
+    die_in_the_middle_of_the_next_write()
     crashing.try_append([deliver()])
 
 
@@ -254,6 +260,154 @@ def test_foreign_bytes_between_appends_are_kept(open_store: OpenStore, mailbox: 
     assert mailbox_store.try_append([deliver()]) == [2]
 
     assert mailbox.read_bytes() == record(1) + b"foreign\n" + record(2)
+
+
+# -- one fsync per batch, and what a reboot can leave behind -----------------------
+
+
+class CountingFsync:
+    """Stands in for ``os.fsync``: counts the calls per file, and keeps a copy of the
+    state file as it is at every fsync of the mailbox (the line of the batch being
+    committed) and of the state file itself (what a power cut cannot take away)."""
+
+    def __init__(self, mailbox: Path) -> None:
+        self.real = os.fsync
+        self.mailbox = mailbox
+        self.state = state_path(mailbox)
+        self.counts = {"mailbox": 0, "state": 0}
+        self.lines: list[bytes] = []  # every state line seen at a mailbox fsync
+        self.durable = b""  # the state file at its last fsync
+
+    def __call__(self, fd: int) -> None:
+        self.real(fd)
+        if is_file(fd, self.mailbox):
+            self.counts["mailbox"] += 1
+            self.lines.append(self.state.read_bytes())
+        elif self.state.exists() and is_file(fd, self.state):
+            self.counts["state"] += 1
+            self.durable = self.state.read_bytes()
+
+
+def test_a_batch_costs_one_fsync_and_the_state_line_one_per_reservation(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsync = CountingFsync(mailbox)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(store, "RESERVED_NUMBERS", 5)
+    mailbox_store = open_store()
+    before = dict(fsync.counts)
+    for _ in range(12):
+        mailbox_store.try_append([deliver()])
+    # numbers 1, 7 and 13 need a new reservation (1 + 5 = 6, 7 + 5 = 12)
+    assert fsync.counts["mailbox"] - before["mailbox"] == 12
+    assert fsync.counts["state"] - before["state"] == 2
+    mailbox.write_bytes(b"")  # a consumer empties the file: the line is made durable again
+    mailbox_store.try_append([deliver()])
+    assert fsync.counts["state"] - before["state"] == 3
+
+
+def _stored_with_every_state_line(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[CountingFsync, bytes]:
+    """Store numbers 1-7 in four batches, boot "one"; close cleanly. Returns the fsync
+    spy (its ``lines`` hold every state line the batches wrote) and the mailbox."""
+    fsync = CountingFsync(mailbox)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(store, "RESERVED_NUMBERS", 100)
+    first = open_store(boot="one")
+    for size in (1, 2, 1, 3):
+        first.try_append([deliver() for _ in range(size)])
+        fsync.lines.append(state_path(mailbox).read_bytes())  # the committed line
+    first.close()
+    assert mailbox.read_bytes() == b"".join(record(n) for n in range(1, 8))
+    return fsync, mailbox.read_bytes()
+
+
+def test_after_a_reboot_an_older_state_line_loses_nothing_and_repeats_no_number(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A power cut can leave any line written since the last fsync of the state file;
+    # the mailbox's fsync'd records are all there. Each of those lines in turn:
+    fsync, stored = _stored_with_every_state_line(open_store, mailbox, monkeypatch)
+    assert len(fsync.lines) == 8
+    for line in fsync.lines:
+        state_path(mailbox).write_bytes(line)
+        reopened = open_store(boot="two")
+        assert mailbox.read_bytes() == stored, line  # nothing cut
+        assert reopened.last_number == 7, line  # numbers 1-7 are never given again
+        reopened.close()
+
+
+def test_after_a_reboot_a_batch_not_written_whole_is_cut_and_its_numbers_kept(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsync, _ = _stored_with_every_state_line(open_store, mailbox, monkeypatch)
+    pending_line = fsync.lines[-2]  # the last batch (5-7), seen at its fsync
+    state_path(mailbox).write_bytes(pending_line)
+    whole = b"".join(record(n) for n in range(1, 5))
+    with mailbox.open("r+b") as file:  # the power went before the batch reached the disk
+        file.truncate(len(whole) + 10)
+
+    reopened = open_store(boot="two")
+
+    assert mailbox.read_bytes() == whole
+    assert reopened.last_number == 7
+    assert reopened.try_append([deliver()]) == [8]
+
+
+def test_within_one_boot_a_batch_written_whole_but_not_fsynced_is_cut(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same line after a crash of the process alone: it is the last one written,
+    # so the batch surely never got its 250.
+    fsync, _ = _stored_with_every_state_line(open_store, mailbox, monkeypatch)
+    state_path(mailbox).write_bytes(fsync.lines[-2])
+
+    reopened = open_store(boot="one")
+
+    assert mailbox.read_bytes() == b"".join(record(n) for n in range(1, 5))
+    assert reopened.last_number == 7
+
+
+@pytest.mark.parametrize("taken", ["renamed", "emptied"])
+def test_after_a_reboot_a_mailbox_taken_away_continues_past_the_reservation(
+    open_store: OpenStore,
+    mailbox: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    taken: str,
+) -> None:
+    fsync, _ = _stored_with_every_state_line(open_store, mailbox, monkeypatch)
+    if taken == "renamed":
+        mailbox.rename(tmp_path / "read-by-a-consumer")
+    else:
+        mailbox.write_bytes(b"")
+    line = fsync.lines[1]  # it knows of number 1 only
+    state_path(mailbox).write_bytes(line)
+    # the records that held numbers 2-7 are gone: only the reservation knows them
+    saved = State.decode(line)
+    assert saved is not None and (saved.number, saved.reserved) == (1, 100)
+    assert open_store(boot="two").try_append([deliver()]) == [101]
+
+
+def test_after_a_clean_stop_and_a_reboot_numbers_continue_without_a_gap(
+    open_store: OpenStore, mailbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _stored_with_every_state_line(open_store, mailbox, monkeypatch)
+    mailbox.rename(tmp_path / "read-by-a-consumer")
+    assert open_store(boot="two").try_append([deliver()]) == [8]
+
+
+def test_a_state_line_from_an_older_selsmtp_is_read(open_store: OpenStore, mailbox: Path) -> None:
+    first = open_store()
+    first.try_append([deliver(), deliver()])
+    first.close()
+    st = mailbox.stat()
+    version_2 = f"selsmtp-state 2 2 {st.st_size} {st.st_dev} {st.st_ino} -1 1"
+    state_path(mailbox).write_bytes(f"{version_2} {zlib.crc32(version_2.encode()):08x}\n".encode())
+
+    assert open_store().try_append([deliver()]) == [3]
+    assert numbers_in(mailbox) == [1, 2, 3]
 
 
 # -- consumers taking the mail away -----------------------------------------------
@@ -406,6 +560,8 @@ def test_failed_fsync_cuts_back_and_is_never_a_success(
 ) -> None:
     fsync = FailingFsync()
     monkeypatch.setattr(os, "fsync", fsync)
+    # the state line is fsync'd when its reserved numbers run out: here, every batch
+    monkeypatch.setattr(store, "RESERVED_NUMBERS", 0)
     mailbox_store = open_store()
     mailbox_store.try_append([deliver()])
     before = Snapshot(mailbox)
