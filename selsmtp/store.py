@@ -41,17 +41,22 @@ the lock and are kept.
 
 After a reboot (a power cut), the line may be any one written since its last fsync,
 older than the mailbox, whose acknowledged records were all fsync'd. Start-up knows
-this case by the boot named in the line, and reads the line as a lower bound: a
-batch it names as pending stays if all of its bytes are in the file (its 250 may have
-gone out), and is cut only if it is not whole; numbers continue after the highest
-number in the records past what the line knows. Two rules keep this sound:
+this case by the boot named in the line, and reads the line as a lower bound:
 
-* the line is fsync'd whenever the file is not the one it describes (a new file, or
-  one emptied by a consumer), so an older line always describes the current file;
-* a line that is fsync'd reserves the next :data:`RESERVED_NUMBERS` numbers, and no
-  number past the reservation is given out before a line reserving it is fsync'd.
-  If a consumer took the records away before the power went, numbers continue after
-  the reservation (a gap, never a repeat). A clean stop records the exact number.
+* a batch it names as pending stays if all of its bytes are in the file (its 250 may
+  have gone out); if not, it is cut only if a record head of ours still starts
+  there, since a consumer may have emptied the file and another program written
+  into it since;
+* numbers continue after the reserve of the last fsync'd line, because the records
+  of numbers given out since may have been taken away by a consumer. A line that is
+  fsync'd reserves the next :data:`RESERVED_NUMBERS` numbers, no number past the
+  reserve is given out before a line reserving it is fsync'd (a failed fsync
+  reserves nothing), and every start fsyncs the line it read, whose reserve may
+  have been in the page cache only. So an unclean reboot can leave a gap, never a
+  repeat; a clean stop records the exact number as the reserve, and leaves none.
+
+The line is also fsync'd whenever the file is not the one it describes (a new file,
+or one emptied by a consumer), so that a pending batch it names is in this file.
 
 A reader that empties the mailbox (movemail) or renames it away needs no help from
 us: the next batch sees the new length or the new file, and the numbers go on.
@@ -125,6 +130,8 @@ SCAN_OVERLAP: Final = 8192
 #: how far past the last number a durable state line reserves numbers; the line is
 #: fsync'd again only when they run out (once per this many messages)
 RESERVED_NUMBERS: Final = 1000
+#: enough of a record's start to hold its number (the HELO name is at most a line)
+HEAD_BYTES: Final = 4096
 
 #: ``render(number, deliver, now)`` yields the bytes of one record
 Renderer = Callable[[int, Deliver, float], Iterable[bytes]]
@@ -347,9 +354,14 @@ class FileStore:
         fsync of the line until they run out."""
         assert self._states is not None
         state = self._state
+        reserved = state.reserved
         if sync and state.number > state.reserved:
             state.reserved = state.number + RESERVED_NUMBERS
-        self._states.save(state, sync=sync)
+        try:
+            self._states.save(state, sync=sync)
+        except OSError:
+            state.reserved = reserved  # not durable, so not reserved
+            raise
 
     def _save_state_or_log(self) -> None:
         try:
@@ -442,6 +454,11 @@ class FileStore:
             saved.first = -1  # not the file the state knows: a new one
         if not saved.boot or saved.boot != self._boot:
             self._recover_after_reboot(saved, same_file, st.st_size)
+        # Once per start, the line is made durable: it may exist only in the page cache
+        # (written by a process of this boot that died), and its reserve must survive
+        # a power cut before this process gives out any number it covers.
+        saved.boot = self._boot
+        self._save_state(sync=True)
         if saved.pending < 0:
             return
         # A batch was being written when the process died. Its numbers stay reserved
@@ -460,29 +477,36 @@ class FileStore:
 
     def _recover_after_reboot(self, saved: State, same_file: bool, size: int) -> None:
         """The machine restarted since the state line was written, so the line may be
-        older than the mailbox (only its fsync'd versions are sure to have survived):
-        find what it missed, and record the result durably."""
-        if same_file and size >= saved.size >= 0:
-            if 0 <= saved.pending <= saved.end <= size:
-                # The batch was written whole, and its fsync may have been done and
-                # its 250 sent before the power went: it stays.
+        older than the mailbox: any line written since its last fsync can be the one
+        that survived. Settle the batch it names as pending, and the numbers."""
+        if same_file and 0 <= saved.pending <= size:
+            if saved.pending <= saved.end <= size:
+                # Written whole; its fsync may have finished and its 250 gone out.
                 saved.size, saved.pending, saved.end = saved.end, -1, -1
-            # Records past what the line knows were acknowledged after it was written.
-            highest = self._scan_highest_number(saved.size)
-        else:
-            # The file the line describes was emptied or replaced, so its records
-            # cannot be read. Numbers up to the reservation may have been given out.
-            highest = saved.reserved
-        if highest > saved.number:
+            elif not self._record_head_at(saved.pending, saved.number):
+                # Not the batch's start: the file was emptied and written again since
+                # (a consumer, another program). Nothing there is ours to cut.
+                saved.size, saved.pending, saved.end = size, -1, -1
+        # Numbers given out since the line was written may be in records anywhere
+        # past it, or taken away by a consumer: only the reserve of the last fsync'd
+        # line bounds them. After a clean stop it is the exact last number.
+        if saved.reserved > saved.number:
             log.warning(
-                "the state of %s was older than the mailbox (the machine restarted); "
-                "numbers continue after %d",
-                self.path,
-                highest,
+                "the machine restarted since %s was last made durable; numbers continue "
+                "after its reserve, %d",
+                self.state_path,
+                saved.reserved,
             )
-            saved.number = highest
-        saved.boot = self._boot
-        self._save_state(sync=True)
+            saved.number = saved.reserved
+
+    def _record_head_at(self, offset: int, last: int) -> bool:
+        """True if the mailbox at ``offset`` begins one of our records numbered at most
+        ``last``, or a header cut short before its number or its end."""
+        head = os.pread(self._fd, HEAD_BYTES, offset)
+        found = self._number_pattern.search(head)
+        if found is None:
+            return b"\n\n" not in head
+        return b"\n" not in head[: found.start()] and int(found.group(1)) <= last
 
     def _recover_without_state(self) -> None:
         state = self._state
@@ -527,8 +551,8 @@ class FileStore:
         self._save_state(sync=True)
         self._torn = False
 
-    def _scan_highest_number(self, start: int = 0) -> int:
-        """The highest record number anywhere in the mailbox past ``start`` (0 if none).
+    def _scan_highest_number(self) -> int:
+        """The highest record number anywhere in the mailbox (0 if none).
 
         Why the whole file and not just its tail: a body may quote a record head with
         a lower number, and the last real head can be far back (a large last
@@ -538,6 +562,7 @@ class FileStore:
         """
         size = os.fstat(self._fd).st_size
         highest = 0
+        start = 0
         while start < size:
             chunk = os.pread(self._fd, min(formats.CHUNK + SCAN_OVERLAP, size - start), start)
             for match in self._number_pattern.finditer(chunk):

@@ -594,8 +594,9 @@ MULTI_CHUNK = 10_000_000
     [
         # the mailbox fsync of message 2 fails: never retried into a 250
         ("-P {mailbox} -e trace=fsync -e inject=fsync:error=EIO:when=1", 100),
-        # the state file's fsync (the commit) of message 2 fails
-        ("-P {mailbox}.selsmtp -e trace=fsync -e inject=fsync:error=EIO:when=1", 100),
+        # the state file's fsync fails when message 2 takes a new reserve of numbers
+        # (the server's first batch; the first fsync of the line is the start's own)
+        ("-P {mailbox}.selsmtp -e trace=fsync -e inject=fsync:error=EIO:when=2", 100),
         # the disk fills up after a first chunk of a large record was written
         ("-P {mailbox} -e trace=writev -e inject=writev:error=ENOSPC:when=2", MULTI_CHUNK),
         # an I/O error on the first write of message 2

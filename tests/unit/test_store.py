@@ -334,7 +334,8 @@ def test_after_a_reboot_an_older_state_line_loses_nothing_and_repeats_no_number(
         state_path(mailbox).write_bytes(line)
         reopened = open_store(boot="two")
         assert mailbox.read_bytes() == stored, line  # nothing cut
-        assert reopened.last_number == 7, line  # numbers 1-7 are never given again
+        # numbers 1-7 are never given again: they continue after the reserve
+        assert reopened.last_number == 100, line
         reopened.close()
 
 
@@ -351,8 +352,7 @@ def test_after_a_reboot_a_batch_not_written_whole_is_cut_and_its_numbers_kept(
     reopened = open_store(boot="two")
 
     assert mailbox.read_bytes() == whole
-    assert reopened.last_number == 7
-    assert reopened.try_append([deliver()]) == [8]
+    assert reopened.try_append([deliver()]) == [101]  # after the reserve
 
 
 def test_within_one_boot_a_batch_written_whole_but_not_fsynced_is_cut(
@@ -396,6 +396,106 @@ def test_after_a_clean_stop_and_a_reboot_numbers_continue_without_a_gap(
     _stored_with_every_state_line(open_store, mailbox, monkeypatch)
     mailbox.rename(tmp_path / "read-by-a-consumer")
     assert open_store(boot="two").try_append([deliver()]) == [8]
+
+
+def _crash(mailbox_store: FileStore) -> None:
+    """The process dies: its descriptors close, and nothing more is written."""
+    mailbox_store._ready = False
+    mailbox_store.close()
+
+
+def _movemail(mailbox: Path) -> list[int]:
+    """A consumer takes the mail: under the lock, read the numbers, empty the file."""
+    with mailbox.open("r+b") as consumer:
+        fcntl.lockf(consumer, fcntl.LOCK_EX)
+        taken = numbers_in(mailbox)
+        consumer.truncate(0)
+        os.fsync(consumer.fileno())
+    return taken
+
+
+def _append_foreign(mailbox: Path, data: bytes) -> None:
+    with mailbox.open("ab") as other:
+        fcntl.lockf(other, fcntl.LOCK_EX)
+        other.write(data)
+
+
+FOREIGN = b"Received: from another.mda\n\nhello from elsewhere\n\n"
+
+
+@pytest.mark.parametrize("refill", [b"", FOREIGN * 20], ids=["emptied", "emptied-and-refilled"])
+def test_after_a_reboot_numbers_taken_away_by_a_consumer_never_repeat(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch, refill: bytes
+) -> None:
+    # The last fsync'd line knows of no message; 1-3 get their 250s; a consumer
+    # takes them (another program may append); the power goes.
+    fsync = CountingFsync(mailbox)
+    monkeypatch.setattr(os, "fsync", fsync)
+    first = open_store(boot="one")
+    assert [first.try_append([deliver()]) for _ in range(3)] == [[1], [2], [3]]
+    _crash(first)
+    assert _movemail(mailbox) == [1, 2, 3]
+    _append_foreign(mailbox, refill)
+    state_path(mailbox).write_bytes(fsync.durable)
+
+    assert open_store(boot="two").try_append([deliver()])[0] > 3
+
+
+def test_after_a_reboot_numbers_never_repeat_after_a_rotation(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsync = CountingFsync(mailbox)
+    monkeypatch.setattr(os, "fsync", fsync)
+    first = open_store(boot="one", rotate=3)
+    for _ in range(5):
+        first.try_append([deliver()])  # 1-3 rotated away (line fsync'd), 4-5 in the file
+    _crash(first)
+    assert _movemail(mailbox) == [4, 5]
+    state_path(mailbox).write_bytes(fsync.durable)
+
+    assert open_store(boot="two", rotate=3).try_append([deliver()])[0] > 5
+
+
+def test_after_a_reboot_another_programs_mail_where_a_batch_was_pending_is_kept(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsync = CountingFsync(mailbox)
+    monkeypatch.setattr(os, "fsync", fsync)
+    first = open_store(boot="one")
+    first.try_append([deliver()])
+    _movemail(mailbox)
+    # the first batch into the emptied file makes its marker durable (pending at 0)
+    first.try_append([deliver(b"x" * 1000 + b"\r\n")])
+    _crash(first)
+    _movemail(mailbox)
+    _append_foreign(mailbox, FOREIGN)  # shorter than the batch: it looks cut short
+    state_path(mailbox).write_bytes(fsync.durable)
+    assert (State.decode(fsync.durable) or State()).pending == 0
+
+    open_store(boot="two").close()
+
+    assert mailbox.read_bytes() == FOREIGN
+
+
+def test_a_failed_fsync_of_the_state_line_reserves_nothing(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsync = CountingFsync(mailbox)
+    failing = FailingFsync()
+    failing.real = fsync
+    monkeypatch.setattr(os, "fsync", failing)
+    monkeypatch.setattr(store, "RESERVED_NUMBERS", 2)
+    mailbox_store = open_store(boot="one")  # durable: numbers up to 2 reserved
+    assert mailbox_store.try_append([deliver(), deliver()]) == [1, 2]
+    failing.fails = lambda fd: is_file(fd, state_path(mailbox))
+    with pytest.raises(StoreError):
+        mailbox_store.try_append([deliver()])  # needs a new reserve; its fsync fails
+    failing.fails = lambda fd: False
+
+    given = [mailbox_store.try_append([deliver()])[0] for _ in range(3)]
+
+    durable = State.decode(fsync.durable)
+    assert durable is not None and max(given) <= durable.reserved
 
 
 def test_a_state_line_from_an_older_selsmtp_is_read(open_store: OpenStore, mailbox: Path) -> None:
