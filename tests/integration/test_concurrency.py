@@ -7,6 +7,7 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,3 +142,64 @@ def test_stress_many_clients_many_messages(
     total = sum(len(plan) for plan in plans)
     assert sorted(numbers.values()) == list(range(1, total + 1))
     check_mailbox(mailbox, numbers)
+
+
+class HeldPoll:
+    """Stands in for the server's selector. While ``gate`` is clear the loop waits
+    (``holding`` set) before its next poll; a waiting poll that finds several sockets
+    ready reports only the first, as if the others became ready while it was served."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.gate = threading.Event()
+        self.gate.set()
+        self.holding = threading.Event()
+        self.split = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        if timeout != 0 and not self.gate.is_set():
+            self.holding.set()
+            self.gate.wait(WAIT)
+        events = self.real.select(timeout)
+        if timeout != 0 and len(events) > 1:
+            self.split += 1
+            return events[:1]
+        return events
+
+
+def test_a_message_finished_while_the_turn_runs_joins_its_batch(server: RunningServer) -> None:
+    poll = HeldPoll(server.server._selector)
+    server.server._selector = poll
+    batches: list[int] = []
+    store = server.server.store
+    real_append = store.try_append
+
+    def recorded(batch: Any) -> Any:
+        batches.append(len(batch))
+        return real_append(batch)
+
+    store.try_append = recorded  # type: ignore[method-assign]
+    one, two = WireClient(server.address), WireClient(server.address)
+    try:
+        for client in (one, two):
+            client.handshake()
+            for line in (b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.org>", b"DATA"):
+                client.command(line)
+        poll.gate.clear()
+        one.send(b"first line")  # message data: no reply, but a turn of the loop
+        assert poll.holding.wait(WAIT)
+        # both ends arrive while the loop waits: its poll reports one of them
+        one.send(b"\r\n.\r\n")
+        two.send(b"second line\r\n.\r\n")
+        poll.gate.set()
+        replies = [one.read_reply(), two.read_reply()]
+    finally:
+        one.close()
+        two.close()
+
+    assert poll.split >= 1
+    assert all(DELIVERED.fullmatch(reply) for reply in replies), replies
+    assert batches == [2]  # the other end, found by the second poll, joined the batch
