@@ -5,14 +5,16 @@ Theory of operation
 Each turn of :meth:`Server.run_once`:
 
 1. waits in ``select`` until a socket is ready or the nearest deadline, reading the
-   clock once afterwards; that ``now`` is passed down (and read again only after the
-   second poll of step 2);
+   clock once afterwards; that ``now`` is passed down (and read again only after an
+   extra poll of step 2);
 2. dispatches each ready key: the listener accepts, the wake-up socket notes a stop
    request, a :class:`~selsmtp.connection.Connection` (its own selector data) reads,
    feeds its session and sends its replies. If that finished a message, it polls
-   once more without waiting and dispatches what became ready meanwhile: clients
+   again without waiting and dispatches what became ready meanwhile: clients
    answered earlier in the turn have often sent their next lines already, and a
-   message they finish joins this batch instead of paying for a fsync of its own;
+   message they finish joins this batch instead of paying for an fsync of its own.
+   It does so up to :data:`BATCH_POLLS` times while polls find something, but only
+   once if the batch already holds :data:`BATCH_POLL_BYTES` of message data;
 3. stores every message that was finished in this turn as one batch: one lock, one
    write, one fsync (group commit), then hands each session its number so its 250
    and anything pipelined behind it go out. If a reader holds the mailbox lock, the
@@ -81,6 +83,12 @@ SHUTDOWN_GRACE: Final = 2.0
 #: the deadline heap is rebuilt once it holds more than this many entries of closed
 #: connections and they are over half of it
 COMPACT_MIN: Final = 1024
+#: polls without waiting that a turn may add while it has finished messages to store
+#: (step 2 of the module docstring); past BATCH_POLL_BYTES of message data only the
+#: first: a batch of large messages pays for its bytes more than for its fsync, so
+#: waiting for more would delay its 250s and gain little
+BATCH_POLLS: Final = 4
+BATCH_POLL_BYTES: Final = 64 * 1024
 
 Callback = Callable[[int, float], None]
 
@@ -88,12 +96,15 @@ Callback = Callable[[int, float], None]
 class _Waiting:
     """A finished message waiting to be stored."""
 
-    __slots__ = ("conn", "deliver", "since")
+    __slots__ = ("conn", "deliver", "since", "size")
 
     def __init__(self, conn: Connection, deliver: Deliver, since: float) -> None:
         self.conn = conn
         self.deliver = deliver
         self.since = since
+        body = deliver.body
+        #: bytes of message data (a spooled message is larger than any batch limit)
+        self.size = len(body) if isinstance(body, bytes) else BATCH_POLL_BYTES
 
 
 def new_spool_file() -> BinaryIO:
@@ -199,12 +210,15 @@ class Server:
         ready = self._selector.select(timeout)
         now = self._clock()
         self._dispatch(ready, now)
-        if self._waiting and ready and now >= self._lock_retry_at:
-            # Step 2's second poll: more messages for the batch, one fsync for all.
-            more = self._selector.select(0)
-            if more:
+        polls = 0  # step 2's extra polls: more messages for the batch, one fsync for all
+        while ready and self._waiting and now >= self._lock_retry_at and polls < BATCH_POLLS:
+            if polls and sum(waiting.size for waiting in self._waiting) >= BATCH_POLL_BYTES:
+                break
+            polls += 1
+            ready = self._selector.select(0)
+            if ready:
                 now = self._clock()
-                self._dispatch(more, now)
+                self._dispatch(ready, now)
         self._flush_deliveries(now)
         self._expire_deadlines(now)
         self._maintain(now)

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from selsmtp.server import BATCH_POLL_BYTES
+
 from .conftest import (
     HELO,
     WAIT,
@@ -146,11 +148,13 @@ def test_stress_many_clients_many_messages(
 
 class HeldPoll:
     """Stands in for the server's selector. While ``gate`` is clear the loop waits
-    (``holding`` set) before its next poll; a waiting poll that finds several sockets
-    ready reports only the first, as if the others became ready while it was served."""
+    (``holding`` set) before its next poll; a waiting poll (with ``one_at_a_time``,
+    every poll) that finds several sockets ready reports only the first, as if the
+    others became ready while it was being served."""
 
-    def __init__(self, real: Any) -> None:
+    def __init__(self, real: Any, *, one_at_a_time: bool = False) -> None:
         self.real = real
+        self.one_at_a_time = one_at_a_time
         self.gate = threading.Event()
         self.gate.set()
         self.holding = threading.Event()
@@ -164,17 +168,16 @@ class HeldPoll:
             self.holding.set()
             self.gate.wait(WAIT)
         events = self.real.select(timeout)
-        if timeout != 0 and len(events) > 1:
+        if len(events) > 1 and (timeout != 0 or self.one_at_a_time):
             self.split += 1
             return events[:1]
         return events
 
 
-def test_a_message_finished_while_the_turn_runs_joins_its_batch(server: RunningServer) -> None:
-    poll = HeldPoll(server.server._selector)
-    server.server._selector = poll
+def record_batches(running: RunningServer) -> list[int]:
+    """The size of every batch the server's store is asked to append, from now on."""
     batches: list[int] = []
-    store = server.server.store
+    store = running.server.store
     real_append = store.try_append
 
     def recorded(batch: Any) -> Any:
@@ -182,6 +185,13 @@ def test_a_message_finished_while_the_turn_runs_joins_its_batch(server: RunningS
         return real_append(batch)
 
     store.try_append = recorded  # type: ignore[method-assign]
+    return batches
+
+
+def test_a_message_finished_while_the_turn_runs_joins_its_batch(server: RunningServer) -> None:
+    poll = HeldPoll(server.server._selector)
+    server.server._selector = poll
+    batches = record_batches(server)
     one, two = WireClient(server.address), WireClient(server.address)
     try:
         for client in (one, two):
@@ -203,3 +213,35 @@ def test_a_message_finished_while_the_turn_runs_joins_its_batch(server: RunningS
     assert poll.split >= 1
     assert all(DELIVERED.fullmatch(reply) for reply in replies), replies
     assert batches == [2]  # the other end, found by the second poll, joined the batch
+
+
+@pytest.mark.parametrize(
+    ("size", "batches"),
+    [(100, [3]), (BATCH_POLL_BYTES // 2 + 1024, [2, 1])],  # two large ones pass the limit
+    ids=["small-messages-poll-on", "large-messages-poll-once"],
+)
+def test_extra_polls_gather_small_messages_but_only_one_more_large_one(
+    server: RunningServer, size: int, batches: list[int]
+) -> None:
+    poll = HeldPoll(server.server._selector, one_at_a_time=True)
+    server.server._selector = poll
+    recorded = record_batches(server)
+    clients = [WireClient(server.address) for _ in range(3)]
+    try:
+        for client in clients:
+            client.handshake()
+            for line in (b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.org>", b"DATA"):
+                client.command(line)
+        poll.gate.clear()
+        clients[0].send(b"x")  # message data: no reply, but a turn of the loop
+        assert poll.holding.wait(WAIT)
+        for client in clients:  # every end arrives while the loop waits
+            client.send(b"y" * (size - 4) + b"\r\n.\r\n")
+        poll.gate.set()
+        replies = [client.read_reply() for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+
+    assert all(DELIVERED.fullmatch(reply) for reply in replies), replies
+    assert recorded == batches
