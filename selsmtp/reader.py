@@ -105,7 +105,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Final
 
-from selsmtp.durable import State
+from selsmtp.durable import State, boot_id
 from selsmtp.store import STATE_SUFFIX
 
 __all__ = [
@@ -1043,7 +1043,10 @@ def pending_append(path: str | os.PathLike[str], fd: int) -> int | None:
     Meaningful under the shared lock only: selsmtp marks an append in its state file
     while it holds the exclusive lock, and clears the mark before it lets go, so a
     mark seen under a shared lock was left by a process that died while appending.
-    Its bytes never got a 250, and selsmtp removes them when it starts again.
+    Its bytes never got a 250, and selsmtp removes them when it starts again. The one
+    exception: a mark written before the machine restarted, whose bytes are all in
+    the file, may be older than the append's 250 (see ``selsmtp/store.py``), and
+    selsmtp keeps those bytes, so they are no torn tail.
     """
     try:
         with open(os.fspath(path) + STATE_SUFFIX, "rb") as file:
@@ -1054,6 +1057,8 @@ def pending_append(path: str | os.PathLike[str], fd: int) -> int | None:
         return None
     st = os.fstat(fd)
     if (st.st_dev, st.st_ino) != (state.dev, state.ino) or st.st_size <= state.pending:
+        return None
+    if state.boot != boot_id() and state.pending <= state.end <= st.st_size:
         return None
     return state.pending
 
