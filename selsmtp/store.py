@@ -21,7 +21,10 @@ nothing else in the process ever opens it. A batch of finished messages is store
 
 If a write or an fsync fails, the file is cut back to its length before the batch
 while the lock is still held, and :class:`StoreError` is raised: nothing partial is
-left for a reader to see, and nothing is acknowledged.
+left for a reader to see, and nothing is acknowledged. A batch holding more than
+:data:`PART_BYTES` of message data is committed in parts (steps 3-5 each), so that
+its rendered records never all sit in memory at once; a failed part takes the
+parts before it back too.
 
 The state file
 --------------
@@ -132,6 +135,9 @@ SCAN_OVERLAP: Final = 8192
 RESERVED_NUMBERS: Final = 1000
 #: enough of a record's start to hold its number (the HELO name is at most a line)
 HEAD_BYTES: Final = 4096
+#: the most message data one commit renders in memory (its records are measured
+#: before the commit marker is written); a larger batch becomes several commits
+PART_BYTES: Final = 16 << 20
 
 #: ``render(number, deliver, now)`` yields the bytes of one record
 Renderer = Callable[[int, Deliver, float], Iterable[bytes]]
@@ -246,7 +252,7 @@ class FileStore:
         done: list[tuple[int, int]] = []  # (descriptor, start) of each part stored
         numbers: list[int] = []
         while len(numbers) < len(batch):
-            size = len(batch) - len(numbers)
+            size = _part_size(batch, len(numbers))
             if self._rotate:  # up to the next multiple of N, where the file rotates
                 size = min(size, self._rotate - self._state.number % self._rotate)
             try:
@@ -569,6 +575,19 @@ class FileStore:
                 highest = max(highest, int(match.group(1)))
             start += formats.CHUNK
         return highest
+
+
+def _part_size(batch: Sequence[Deliver], first: int) -> int:
+    """How many messages of ``batch`` from ``first`` on one commit takes: at least one,
+    and no more than :data:`PART_BYTES` of message data held in memory."""
+    size = count = 0
+    for deliver in batch[first:]:
+        if isinstance(deliver.body, bytes):  # a spooled body is read as it is written
+            size += len(deliver.body)
+        if count and size > PART_BYTES:
+            break
+        count += 1
+    return count
 
 
 def cs4410_renderer(server_name: str) -> Renderer:

@@ -765,6 +765,35 @@ def test_batch_with_more_pieces_than_one_writev_takes(open_store: OpenStore, mai
     assert mailbox.read_bytes() == b"".join(record(n + 1, b"%d\n" % n) for n in range(count))
 
 
+def test_a_batch_past_part_bytes_is_committed_in_parts(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsync = CountingFsync(mailbox)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(store, "PART_BYTES", 20)  # two 7-byte bodies fit, a third does not
+    mailbox_store = open_store()
+    before = fsync.counts["mailbox"]
+
+    assert mailbox_store.try_append([deliver() for _ in range(5)]) == [1, 2, 3, 4, 5]
+
+    assert fsync.counts["mailbox"] - before == 3  # parts of 2, 2 and 1
+    assert mailbox.read_bytes() == b"".join(record(n) for n in range(1, 6))
+
+
+def test_a_failed_later_part_takes_the_earlier_parts_back(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "PART_BYTES", 20)
+    mailbox_store = open_store(render=failing_renderer(store.WRITE_CHUNK + 1))
+    mailbox_store.try_append([deliver()])
+
+    with pytest.raises(StoreError):
+        mailbox_store.try_append([deliver(), deliver(), deliver(), deliver(FAIL)])  # 2 + 2
+
+    assert mailbox.read_bytes() == record(1)
+    assert mailbox_store.try_append([deliver()]) == [2]
+
+
 def test_batch_bigger_than_a_write_chunk(open_store: OpenStore, mailbox: Path) -> None:
     bodies = [bytes([65 + n]) * (store.WRITE_CHUNK // 2 + 3) + b"\r\n" for n in range(5)]
     mailbox_store = open_store()
