@@ -159,17 +159,23 @@ class Connection:
         # interest has not changed at all: no epoll_ctl calls for it.
         self._server.dirty.add(self)
 
+    def may_read_more(self) -> bool:
+        """True unless the end of the turn will stop reading from this client (see
+        :meth:`refresh_interest`): the server's extra polls pass it over."""
+        return not (
+            self.sock is None
+            or self.closing
+            or self.eof
+            or self.session.paused
+            or len(self.out) >= self._server.config.output_high_water
+        )
+
     def refresh_interest(self) -> None:
         """Make the selector watch what our state calls for now (end of a loop turn)."""
         if self.sock is None:
             return
         events = 0
-        if not (
-            self.closing
-            or self.eof
-            or self.session.paused
-            or len(self.out) >= self._server.config.output_high_water
-        ):
+        if self.may_read_more():
             events |= selectors.EVENT_READ
         if self.out:
             events |= selectors.EVENT_WRITE

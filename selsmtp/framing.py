@@ -156,7 +156,8 @@ class DataReader:
                 self._carry, self._skip = b"", 0
                 return search[hit + 5 :]
             dots += 1
-            if dots > MANY_DOT_LINES + len(search) // DOT_LINE_SPACING:
+            # (hit >= kept: the virtual CRLF in front is never handed to the bulk path)
+            if dots > MANY_DOT_LINES + len(search) // DOT_LINE_SPACING and hit >= kept:
                 self._emit(search[kept:hit])
                 return self._feed_dotted(search[hit:])
             # RFC 5321 §4.5.2: a line that starts with a dot has that dot removed.

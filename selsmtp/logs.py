@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
+import time
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
@@ -31,10 +32,13 @@ class Formatter(logging.Formatter):
         self._stamp = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
         second = int(record.created)
         if second != self._second:
-            self._second, self._stamp = second, super().formatTime(record, datefmt)[:-4]
-        return f"{self._stamp},{int(record.msecs):03d}"
+            moment = self.converter(second)
+            self._second, self._stamp = second, time.strftime(self.default_time_format, moment)
+        return f"{self._stamp},{int(record.msecs):03d}"  # as default_msec_format has it
 
 
 class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -66,7 +70,8 @@ def setup(level: str) -> TurnBufferedHandler:
 
     Records skip what the format never shows (the logging HOWTO's "Optimization"):
     the caller's file and line (a stack walk), and the thread and process (a
-    ``getpid`` system call per record)."""
+    ``getpid`` system call per record). These are settings of the ``logging`` module,
+    for the whole process: this is for the command line, which owns the process."""
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False

@@ -1058,7 +1058,8 @@ def pending_append(path: str | os.PathLike[str], fd: int) -> int | None:
     st = os.fstat(fd)
     if (st.st_dev, st.st_ino) != (state.dev, state.ino) or st.st_size <= state.pending:
         return None
-    if state.boot != boot_id() and state.pending <= state.end <= st.st_size:
+    rebooted = not state.boot or state.boot != boot_id()  # as the store reads it
+    if rebooted and state.pending <= state.end <= st.st_size:
         return None
     return state.pending
 

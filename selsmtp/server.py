@@ -9,12 +9,14 @@ Each turn of :meth:`Server.run_once`:
    extra poll of step 2);
 2. dispatches each ready key: the listener accepts, the wake-up socket notes a stop
    request, a :class:`~selsmtp.connection.Connection` (its own selector data) reads,
-   feeds its session and sends its replies. If that finished a message, it polls
-   again without waiting and dispatches what became ready meanwhile: clients
+   feeds its session and sends its replies. While messages wait to be stored, it
+   polls again without waiting and dispatches what became ready meanwhile: clients
    answered earlier in the turn have often sent their next lines already, and a
    message they finish joins this batch instead of paying for an fsync of its own.
-   It does so up to :data:`BATCH_POLLS` times while polls find something, but only
-   once if the batch already holds :data:`BATCH_POLL_BYTES` of message data;
+   It does so up to :data:`BATCH_POLLS` times while polls find a connection that
+   may read (not one that is paused, closing or flooded with unread replies: those
+   are read at most once a turn), but only once if the batch already holds
+   :data:`BATCH_POLL_BYTES` of message data, and not after a stop was asked for;
 3. stores every message that was finished in this turn as one batch: one lock, one
    write, one fsync (group commit), then hands each session its number so its 250
    and anything pipelined behind it go out. If a reader holds the mailbox lock, the
@@ -211,11 +213,15 @@ class Server:
         now = self._clock()
         self._dispatch(ready, now)
         polls = 0  # step 2's extra polls: more messages for the batch, one fsync for all
-        while ready and self._waiting and now >= self._lock_retry_at and polls < BATCH_POLLS:
+        while ready and self._waiting and polls < BATCH_POLLS and self._batch_may_grow(now):
             if polls and sum(waiting.size for waiting in self._waiting) >= BATCH_POLL_BYTES:
                 break
             polls += 1
-            ready = self._selector.select(0)
+            ready = [
+                (key, mask)
+                for key, mask in self._selector.select(0)
+                if type(key.data) is not Connection or key.data.may_read_more()
+            ]
             if ready:
                 now = self._clock()
                 self._dispatch(ready, now)
@@ -227,6 +233,12 @@ class Server:
             dirty.pop().refresh_interest()
         if self.after_turn is not None:
             self.after_turn()
+
+    def _batch_may_grow(self, now: float) -> bool:
+        """Whether an extra poll may add to the batch: not while the lock is being
+        waited for (it would not be stored), nor once a stop was asked for (the
+        listener must accept no more)."""
+        return now >= self._lock_retry_at and not self._stop_requested
 
     def _dispatch(self, ready: list[tuple[selectors.SelectorKey, int]], now: float) -> None:
         for key, mask in ready:

@@ -165,7 +165,6 @@ class Session:
         self.forward_paths: list[str] = NO_PATHS
         #: error replies (4xx/5xx) sent so far; at ``config.max_errors`` the session ends
         self.errors = 0
-        #: complete lines read so far (commands and message data)
         self.progress = 0  #: grows whenever lines complete (by 1, however many)
         #: the client has closed its side (``receive(b"")``)
         self.peer_closed = False

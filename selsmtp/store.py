@@ -24,7 +24,10 @@ while the lock is still held, and :class:`StoreError` is raised: nothing partial
 left for a reader to see, and nothing is acknowledged. A batch holding more than
 :data:`PART_BYTES` of message data is committed in parts (steps 3-5 each), so that
 its rendered records never all sit in memory at once; a failed part takes the
-parts before it back too.
+parts before it back too. A crash between two parts keeps the parts committed
+before it, whose 250s had not gone out: their clients send them again, and they are
+stored twice (what SMTP prefers to a loss). The parts of a batch split by rotation
+are the same.
 
 The state file
 --------------
@@ -131,7 +134,7 @@ STATE_SUFFIX: Final = ".selsmtp"
 #: cut by a chunk boundary is seen whole in one of them
 SCAN_OVERLAP: Final = 8192
 #: how far past the last number a durable state line reserves numbers; the line is
-#: fsync'd again only when they run out (once per this many messages)
+#: fsync'd again only when they run out (about once per this many messages)
 RESERVED_NUMBERS: Final = 1000
 #: enough of a record's start to hold its number (the HELO name is at most a line)
 HEAD_BYTES: Final = 4096
@@ -221,7 +224,8 @@ class FileStore:
     # -- appending ---------------------------------------------------------------
 
     def try_append(self, batch: Sequence[Deliver]) -> list[int] | None:
-        """Store every message of ``batch`` in one write and one fsync per file.
+        """Store every message of ``batch`` in one write and one fsync per file (per
+        :data:`PART_BYTES` of message data).
 
         Returns their numbers, in order, or ``None`` if another process holds the
         lock (nothing was done; try again later). Raises :class:`StoreError` if the

@@ -451,8 +451,8 @@ def test_every_250_follows_its_write_and_its_fsync(
     carried = check_order_of_effects(calls, os.path.realpath(mailbox))
     assert sorted(carried) == [1, 2, 3, 4]
     assert carried[3] == carried[4], "the two messages finished together were not one batch"
-    # one fsync per batch: the state file's only when its reserved numbers were taken
-    # (the first batch) and at the clean stop
+    # one fsync per batch; the state file's only at the start (which reserves the
+    # numbers these batches take) and at the clean stop
     syncs = [c.path for c in calls if c.name in SYNCS and c.path.endswith((".selsmtp", "mailbox"))]
     assert syncs.count(os.path.realpath(mailbox)) == 3
     assert syncs.count(os.path.realpath(mailbox) + ".selsmtp") == 2

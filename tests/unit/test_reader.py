@@ -749,6 +749,8 @@ def test_a_whole_append_marked_before_a_reboot_is_no_torn_tail(tmp_path: Path) -
         assert reader.pending_append(path, file.fileno()) == len(first)  # this boot: torn
         write_state(path, pending=len(first), end=end, boot="before-the-reboot")
         assert reader.pending_append(path, file.fileno()) is None
+        write_state(path, pending=len(first), end=end, boot="")  # unknown: as if rebooted
+        assert reader.pending_append(path, file.fileno()) is None
         write_state(path, pending=len(first), end=end + 1, boot="before-the-reboot")
         assert reader.pending_append(path, file.fileno()) == len(first)  # not all there
     write_state(path, pending=len(first), end=end, boot="before-the-reboot")

@@ -298,7 +298,7 @@ def test_a_batch_costs_one_fsync_and_the_state_line_one_per_reservation(
     before = dict(fsync.counts)
     for _ in range(12):
         mailbox_store.try_append([deliver()])
-    # numbers 1, 7 and 13 need a new reservation (1 + 5 = 6, 7 + 5 = 12)
+    # the start reserved numbers up to 5; numbers 6 and 12 each need a new reserve
     assert fsync.counts["mailbox"] - before["mailbox"] == 12
     assert fsync.counts["state"] - before["state"] == 2
     mailbox.write_bytes(b"")  # a consumer empties the file: the line is made durable again
