@@ -163,6 +163,13 @@ class HeldPoll:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
+    def hold(self, client: WireClient) -> None:
+        """Have the loop wait at the gate: ``client``, in message data, sends a byte
+        (a turn of the loop, and no reply), and the next poll waits."""
+        self.gate.clear()
+        client.send(b"x")
+        assert self.holding.wait(WAIT)
+
     def select(self, timeout: float | None = None) -> list[Any]:
         if timeout != 0 and not self.gate.is_set():
             self.holding.set()
@@ -172,6 +179,17 @@ class HeldPoll:
             self.split += 1
             return events[:1]
         return events
+
+
+def clients_in_data(running: RunningServer, count: int) -> list[WireClient]:
+    """``count`` clients, each past its 354: what they send next is message data."""
+    clients = []
+    for _ in range(count):
+        clients.append(WireClient(running.address))
+        clients[-1].handshake()
+        for line in (b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.org>", b"DATA"):
+            clients[-1].command(line)
+    return clients
 
 
 def record_batches(running: RunningServer) -> list[int]:
@@ -192,23 +210,17 @@ def test_a_message_finished_while_the_turn_runs_joins_its_batch(server: RunningS
     poll = HeldPoll(server.server._selector)
     server.server._selector = poll
     batches = record_batches(server)
-    one, two = WireClient(server.address), WireClient(server.address)
+    one, two = clients = clients_in_data(server, 2)
     try:
-        for client in (one, two):
-            client.handshake()
-            for line in (b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.org>", b"DATA"):
-                client.command(line)
-        poll.gate.clear()
-        one.send(b"first line")  # message data: no reply, but a turn of the loop
-        assert poll.holding.wait(WAIT)
+        poll.hold(one)
         # both ends arrive while the loop waits: its poll reports one of them
         one.send(b"\r\n.\r\n")
         two.send(b"second line\r\n.\r\n")
         poll.gate.set()
         replies = [one.read_reply(), two.read_reply()]
     finally:
-        one.close()
-        two.close()
+        for client in clients:
+            client.close()
 
     assert poll.split >= 1
     assert all(DELIVERED.fullmatch(reply) for reply in replies), replies
@@ -226,15 +238,9 @@ def test_extra_polls_gather_small_messages_but_only_one_more_large_one(
     poll = HeldPoll(server.server._selector, one_at_a_time=True)
     server.server._selector = poll
     recorded = record_batches(server)
-    clients = [WireClient(server.address) for _ in range(3)]
+    clients = clients_in_data(server, 3)
     try:
-        for client in clients:
-            client.handshake()
-            for line in (b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.org>", b"DATA"):
-                client.command(line)
-        poll.gate.clear()
-        clients[0].send(b"x")  # message data: no reply, but a turn of the loop
-        assert poll.holding.wait(WAIT)
+        poll.hold(clients[0])
         for client in clients:  # every end arrives while the loop waits
             client.send(b"y" * (size - 4) + b"\r\n.\r\n")
         poll.gate.set()
