@@ -143,7 +143,9 @@ class Server:
 
     ``Server(config)`` binds the socket and opens the mailbox (raising ``OSError`` or
     :class:`~selsmtp.store.StartupError`); :meth:`serve_forever` runs the loop until
-    :meth:`request_stop` (thread-safe) or a signal ends it.
+    :meth:`request_stop` (thread-safe) or a signal ends it. ``store``, ``selector``
+    and ``clock`` replace the mailbox's store, the ``selectors.DefaultSelector`` and
+    ``time.monotonic`` (for tests that need to watch or steer them).
     """
 
     def __init__(
@@ -151,12 +153,13 @@ class Server:
         config: Config,
         *,
         store: Store | None = None,
+        selector: selectors.BaseSelector | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self._clock = clock
         self._named = replies.named_replies(config.name, config.max_message_size)
-        self._selector = selectors.DefaultSelector()
+        self._selector = selector or selectors.DefaultSelector()
         self._listener: socket.socket | None = open_listener(config.host, config.port)
         self.address = format_address(self._listener.getsockname())
         try:

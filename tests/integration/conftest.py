@@ -50,9 +50,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 class RunningServer:
     """A :class:`Server` running ``serve_forever`` in a background thread."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, **server_options: Any) -> None:
         self.config = config
-        self.server = Server(config)
+        self.server = Server(config, **server_options)
         host, _, port = self.server.address.rpartition(":")
         self.host = host
         self.port = int(port)
@@ -106,14 +106,16 @@ def mailbox(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def start_server(mailbox: Path) -> Iterator[Callable[..., RunningServer]]:
-    """``start_server(**config_overrides)``: a new running server on ``mailbox``.
+    """``start_server(**config_overrides)``: a new running server on ``mailbox``;
+    ``server_options`` go to :class:`Server` itself (its ``store``, ``selector``).
 
     Every server started is stopped (and checked to have stopped) at teardown.
     """
     started: list[RunningServer] = []
 
-    def start(**overrides: Any) -> RunningServer:
-        running = RunningServer(make_config(overrides.pop("mailbox", mailbox), **overrides))
+    def start(*, server_options: dict[str, Any] | None = None, **overrides: Any) -> RunningServer:
+        config = make_config(overrides.pop("mailbox", mailbox), **overrides)
+        running = RunningServer(config, **(server_options or {}))
         started.append(running)
         return running
 

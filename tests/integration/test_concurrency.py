@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import random
 import re
+import selectors
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from selsmtp.config import Config
 from selsmtp.server import BATCH_POLL_BYTES
+from selsmtp.session import Deliver
+from selsmtp.store import open_store
 
 from .conftest import (
     HELO,
@@ -21,6 +24,7 @@ from .conftest import (
     checked_body,
     ehlo_reply,
     greeting,
+    make_config,
     read_mailbox,
     to_wire,
     transaction,
@@ -146,22 +150,19 @@ def test_stress_many_clients_many_messages(
     check_mailbox(mailbox, numbers)
 
 
-class HeldPoll:
-    """Stands in for the server's selector. While ``gate`` is clear the loop waits
+class HeldPoll(selectors.DefaultSelector):
+    """The server's selector, steerable. While ``gate`` is clear the loop waits
     (``holding`` set) before its next poll; a waiting poll (with ``one_at_a_time``,
     every poll) that finds several sockets ready reports only the first, as if the
     others became ready while it was being served."""
 
-    def __init__(self, real: Any, *, one_at_a_time: bool = False) -> None:
-        self.real = real
+    def __init__(self, *, one_at_a_time: bool = False) -> None:
+        super().__init__()
         self.one_at_a_time = one_at_a_time
         self.gate = threading.Event()
         self.gate.set()
         self.holding = threading.Event()
         self.split = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
 
     def hold(self, client: WireClient) -> None:
         """Have the loop wait at the gate: ``client``, in message data, sends a byte
@@ -170,15 +171,42 @@ class HeldPoll:
         client.send(b"x")
         assert self.holding.wait(WAIT)
 
-    def select(self, timeout: float | None = None) -> list[Any]:
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if timeout != 0 and not self.gate.is_set():
             self.holding.set()
             self.gate.wait(WAIT)
-        events = self.real.select(timeout)
+        events = super().select(timeout)
         if len(events) > 1 and (timeout != 0 or self.one_at_a_time):
             self.split += 1
             return events[:1]
         return events
+
+
+class RecordingStore:
+    """The mailbox's own store, noting the size of every batch it is asked to append."""
+
+    def __init__(self, config: Config) -> None:
+        self.real = open_store(config)
+        self.path = self.real.path
+        self.batches: list[int] = []
+
+    @property
+    def last_number(self) -> int:
+        return self.real.last_number
+
+    def try_append(self, batch: Sequence[Deliver]) -> list[int] | None:
+        self.batches.append(len(batch))
+        return self.real.try_append(batch)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def steered_server(
+    start_server: Callable[..., RunningServer], mailbox: Path, poll: HeldPoll
+) -> tuple[RunningServer, RecordingStore]:
+    store = RecordingStore(make_config(mailbox))
+    return start_server(server_options={"selector": poll, "store": store}), store
 
 
 def clients_in_data(running: RunningServer, count: int) -> list[WireClient]:
@@ -192,24 +220,11 @@ def clients_in_data(running: RunningServer, count: int) -> list[WireClient]:
     return clients
 
 
-def record_batches(running: RunningServer) -> list[int]:
-    """The size of every batch the server's store is asked to append, from now on."""
-    batches: list[int] = []
-    store = running.server.store
-    real_append = store.try_append
-
-    def recorded(batch: Any) -> Any:
-        batches.append(len(batch))
-        return real_append(batch)
-
-    store.try_append = recorded  # type: ignore[method-assign]
-    return batches
-
-
-def test_a_message_finished_while_the_turn_runs_joins_its_batch(server: RunningServer) -> None:
-    poll = HeldPoll(server.server._selector)
-    server.server._selector = poll
-    batches = record_batches(server)
+def test_a_message_finished_while_the_turn_runs_joins_its_batch(
+    start_server: Callable[..., RunningServer], mailbox: Path
+) -> None:
+    poll = HeldPoll()
+    server, store = steered_server(start_server, mailbox, poll)
     one, two = clients = clients_in_data(server, 2)
     try:
         poll.hold(one)
@@ -224,7 +239,7 @@ def test_a_message_finished_while_the_turn_runs_joins_its_batch(server: RunningS
 
     assert poll.split >= 1
     assert all(DELIVERED.fullmatch(reply) for reply in replies), replies
-    assert batches == [2]  # the other end, found by the second poll, joined the batch
+    assert store.batches == [2]  # the other end, found by an extra poll, joined the batch
 
 
 @pytest.mark.parametrize(
@@ -233,11 +248,10 @@ def test_a_message_finished_while_the_turn_runs_joins_its_batch(server: RunningS
     ids=["small-messages-poll-on", "large-messages-poll-once"],
 )
 def test_extra_polls_gather_small_messages_but_only_one_more_large_one(
-    server: RunningServer, size: int, batches: list[int]
+    start_server: Callable[..., RunningServer], mailbox: Path, size: int, batches: list[int]
 ) -> None:
-    poll = HeldPoll(server.server._selector, one_at_a_time=True)
-    server.server._selector = poll
-    recorded = record_batches(server)
+    poll = HeldPoll(one_at_a_time=True)
+    server, store = steered_server(start_server, mailbox, poll)
     clients = clients_in_data(server, 3)
     try:
         poll.hold(clients[0])
@@ -250,4 +264,4 @@ def test_extra_polls_gather_small_messages_but_only_one_more_large_one(
             client.close()
 
     assert all(DELIVERED.fullmatch(reply) for reply in replies), replies
-    assert recorded == batches
+    assert store.batches == batches
