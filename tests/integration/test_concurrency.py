@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from selsmtp.config import Config
-from selsmtp.server import BATCH_POLL_BYTES
+from selsmtp.server import BATCH_POLL_BYTES, BATCH_POLL_MESSAGES
 from selsmtp.session import Deliver
 from selsmtp.store import open_store
 
@@ -152,13 +152,14 @@ def test_stress_many_clients_many_messages(
 
 class HeldPoll(selectors.DefaultSelector):
     """The server's selector, steerable. While ``gate`` is clear the loop waits
-    (``holding`` set) before its next poll; a waiting poll (with ``one_at_a_time``,
-    every poll) that finds several sockets ready reports only the first, as if the
-    others became ready while it was being served."""
+    (``holding`` set) before its next poll; a waiting poll (with ``every_poll``, every
+    poll) that finds more than ``limit`` sockets ready reports only the first
+    ``limit``, as if the others became ready while those were being served."""
 
-    def __init__(self, *, one_at_a_time: bool = False) -> None:
+    def __init__(self, *, limit: int = 1, every_poll: bool = False) -> None:
         super().__init__()
-        self.one_at_a_time = one_at_a_time
+        self.limit = limit
+        self.every_poll = every_poll
         self.gate = threading.Event()
         self.gate.set()
         self.holding = threading.Event()
@@ -176,9 +177,9 @@ class HeldPoll(selectors.DefaultSelector):
             self.holding.set()
             self.gate.wait(WAIT)
         events = super().select(timeout)
-        if len(events) > 1 and (timeout != 0 or self.one_at_a_time):
+        if len(events) > self.limit and (timeout != 0 or self.every_poll):
             self.split += 1
-            return events[:1]
+            return events[: self.limit]
         return events
 
 
@@ -250,7 +251,7 @@ def test_a_message_finished_while_the_turn_runs_joins_its_batch(
 def test_extra_polls_gather_small_messages_but_only_one_more_large_one(
     start_server: Callable[..., RunningServer], mailbox: Path, size: int, batches: list[int]
 ) -> None:
-    poll = HeldPoll(one_at_a_time=True)
+    poll = HeldPoll(every_poll=True)
     server, store = steered_server(start_server, mailbox, poll)
     clients = clients_in_data(server, 3)
     try:
@@ -265,3 +266,25 @@ def test_extra_polls_gather_small_messages_but_only_one_more_large_one(
 
     assert all(DELIVERED.fullmatch(reply) for reply in replies), replies
     assert store.batches == batches
+
+
+def test_extra_polls_stop_once_the_batch_holds_enough_messages(
+    start_server: Callable[..., RunningServer], mailbox: Path
+) -> None:
+    # ten ends a poll: 10, then 10 more by an extra poll (20, past the limit), then 5
+    assert 10 < BATCH_POLL_MESSAGES <= 20
+    poll = HeldPoll(limit=10, every_poll=True)
+    server, store = steered_server(start_server, mailbox, poll)
+    clients = clients_in_data(server, 25)
+    try:
+        poll.hold(clients[0])
+        for client in clients:
+            client.send(b"short\r\n.\r\n")
+        poll.gate.set()
+        replies = [client.read_reply() for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+
+    assert all(DELIVERED.fullmatch(reply) for reply in replies), replies
+    assert store.batches == [20, 5]
