@@ -221,22 +221,27 @@ def clients_in_data(running: RunningServer, count: int) -> list[WireClient]:
     return clients
 
 
+def finish_while_held(poll: HeldPoll, clients: list[WireClient], data: bytes) -> list[bytes]:
+    """Every client sends ``data``, the rest of its message and its end, while the loop
+    waits at the gate; then the loop goes on. Each client's reply; all are closed."""
+    try:
+        poll.hold(clients[0])
+        for client in clients:
+            client.send(data)
+        poll.gate.set()
+        return [client.read_reply() for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_a_message_finished_while_the_turn_runs_joins_its_batch(
     start_server: Callable[..., RunningServer], mailbox: Path
 ) -> None:
     poll = HeldPoll()
     server, store = steered_server(start_server, mailbox, poll)
-    one, two = clients = clients_in_data(server, 2)
-    try:
-        poll.hold(one)
-        # both ends arrive while the loop waits: its poll reports one of them
-        one.send(b"\r\n.\r\n")
-        two.send(b"second line\r\n.\r\n")
-        poll.gate.set()
-        replies = [one.read_reply(), two.read_reply()]
-    finally:
-        for client in clients:
-            client.close()
+    # both ends arrive while the loop waits: its poll reports one of them
+    replies = finish_while_held(poll, clients_in_data(server, 2), b"line\r\n.\r\n")
 
     assert poll.split >= 1
     assert all(DELIVERED.fullmatch(reply) for reply in replies), replies
@@ -253,16 +258,8 @@ def test_extra_polls_gather_small_messages_but_only_one_more_large_one(
 ) -> None:
     poll = HeldPoll(every_poll=True)
     server, store = steered_server(start_server, mailbox, poll)
-    clients = clients_in_data(server, 3)
-    try:
-        poll.hold(clients[0])
-        for client in clients:  # every end arrives while the loop waits
-            client.send(b"y" * (size - 4) + b"\r\n.\r\n")
-        poll.gate.set()
-        replies = [client.read_reply() for client in clients]
-    finally:
-        for client in clients:
-            client.close()
+    data = b"y" * (size - 4) + b"\r\n.\r\n"
+    replies = finish_while_held(poll, clients_in_data(server, 3), data)
 
     assert all(DELIVERED.fullmatch(reply) for reply in replies), replies
     assert store.batches == batches
@@ -275,16 +272,7 @@ def test_extra_polls_stop_once_the_batch_holds_enough_messages(
     assert 10 < BATCH_POLL_MESSAGES <= 20
     poll = HeldPoll(limit=10, every_poll=True)
     server, store = steered_server(start_server, mailbox, poll)
-    clients = clients_in_data(server, 25)
-    try:
-        poll.hold(clients[0])
-        for client in clients:
-            client.send(b"short\r\n.\r\n")
-        poll.gate.set()
-        replies = [client.read_reply() for client in clients]
-    finally:
-        for client in clients:
-            client.close()
+    replies = finish_while_held(poll, clients_in_data(server, 25), b"short\r\n.\r\n")
 
     assert all(DELIVERED.fullmatch(reply) for reply in replies), replies
     assert store.batches == [20, 5]
