@@ -7,11 +7,14 @@ data it holds, not by the per-piece bookkeeping of tens of thousands of tiny rea
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import NAME, START_DATA, WireClient, delivered, read_mailbox
+from .conftest import NAME, REPO_ROOT, START_DATA, WAIT, WireClient, delivered, read_mailbox
 from .processes import SelsmtpProcess
 
 #: connections in DATA at once, and the 2-byte pieces each sends
@@ -80,3 +83,21 @@ def test_tiny_pieces_of_message_data_cost_about_their_own_size(tmp_path: Path) -
     # an object per piece, it cost 26 times that (10.5 MB here). The slack is for the
     # allocator's arenas.
     assert held < 3 * data + (1 << 20), f"RSS grew {held} bytes holding {data} bytes"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_the_pieces_tool_reports_what_the_server_held() -> None:
+    """tools/pieces.py, the README's measure, on a small scale."""
+    options = ["--connections", "20", "--bytes", "400", "--json"]
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "pieces.py"), *options],
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 3,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["delivered"] == 20
+    assert result["data_bytes"] == 20 * 400
+    assert result["growth_bytes"] == result["rss_held_bytes"] - result["rss_baseline_bytes"]
