@@ -11,8 +11,8 @@ import sys
 from collections.abc import Sequence
 
 from selsmtp import __version__, logs
-from selsmtp.argtypes import port_number, positive_float, positive_int
-from selsmtp.config import FORMATS, ROTATING_FORMATS, Config
+from selsmtp.argtypes import host_name, line_timeout, port_number, positive_float, positive_int
+from selsmtp.config import FORMATS, MAX_TIMEOUT, ROTATING_FORMATS, Config, host_name_problem
 from selsmtp.server import Server, format_address
 from selsmtp.store import StartupError
 
@@ -50,12 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the mailbox file, or folder for maildir (default: %(default)s)",
     )
     add("--format", choices=FORMATS, default="cs4410", help="mailbox format (default: %(default)s)")
-    add("--name", default=None, help="server name in replies (default: the short host name)")
+    add(
+        "--name",
+        type=host_name,
+        default=None,
+        help="server name in replies, up to 255 bytes with no whitespace or control "
+        "characters (default: the short host name)",
+    )
     add(
         "--timeout",
-        type=positive_float,
+        type=line_timeout,
         default=300.0,
-        help="seconds a client may take to send each line (default: %(default)s)",
+        help=f"seconds a client may take to send each line, at most {MAX_TIMEOUT} "
+        "(default: %(default)s)",
     )
     add(
         "--max-message-size",
@@ -118,6 +125,12 @@ def fit_connections(wanted: int) -> int:
     return wanted
 
 
+def default_name() -> str:
+    """The short host name, or ``localhost`` if it is not fit for replies."""
+    name = socket.gethostname().split(".")[0]
+    return name if host_name_problem(name) is None else "localhost"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -129,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=args.port,
         mailbox=args.mailbox,
         format=args.format,
-        name=args.name or socket.gethostname().split(".")[0] or "localhost",
+        name=args.name or default_name(),
         timeout=args.timeout,
         max_message_size=args.max_message_size,
         max_recipients=args.max_recipients,

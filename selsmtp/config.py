@@ -14,6 +14,34 @@ ROTATING_FORMATS: Final = ("cs4410", "mbox")
 
 #: RFC 5321 §4.5.3.1.4: a command line is at most 512 octets, CRLF included.
 MAX_COMMAND_LINE: Final = 512
+#: the longest --timeout, in seconds: a day. A line that takes longer is no longer a
+#: client at work, and a larger or non-finite value would disable the timeout silently.
+MAX_TIMEOUT: Final = 86_400
+#: RFC 5321 §4.5.3.1.2: a domain name is at most 255 octets.
+MAX_NAME: Final = 255
+
+
+def host_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be the server's name, or ``None`` if it can.
+
+    The name goes into every greeting, reply and ``Received:`` line as it is, so it must
+    be 1 to 255 bytes (UTF-8) with no whitespace, no control character and nothing
+    invisible (format characters such as zero-width spaces, or bytes that were not
+    UTF-8). Any other spelling is the user's choice: ``mx.example``, ``[192.0.2.1]``.
+    """
+    if not name:
+        return "is empty"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # a surrogate: bytes on the command line that were not UTF-8
+        return "is not UTF-8"
+    if size > MAX_NAME:
+        return f"is {size} bytes long; at most {MAX_NAME}"
+    # Why isprintable: it is False for every control, format, separator (whitespace
+    # but the ASCII space), surrogate and unassigned code point.
+    if not name.isprintable() or " " in name:
+        return "holds whitespace, a control character or an invisible one"
+    return None
 
 
 class Config(Frozen):
@@ -99,8 +127,10 @@ class Config(Frozen):
         ):
             if value < 1:
                 raise ValueError(f"{field} must be at least 1")
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
+        if not 0 < timeout <= MAX_TIMEOUT:  # (False for NaN too)
+            raise ValueError(f"timeout must be above 0 and at most {MAX_TIMEOUT} seconds")
+        if (problem := host_name_problem(name)) is not None:
+            raise ValueError(f"name {name!r} {problem}")
         if rotate is not None and rotate < 1:
             raise ValueError("rotate must be at least 1")
         if rotate is not None and format not in ROTATING_FORMATS:
