@@ -83,6 +83,8 @@ ACCEPT_PAUSE: Final = 1.0
 REFUSAL_LOG_INTERVAL: Final = 1.0
 #: seconds after shutdown begins that connections still open are dropped
 SHUTDOWN_GRACE: Final = 2.0
+#: the longest wait while ``after_turn`` has work pending (log lines stderr did not take)
+AFTER_TURN_RETRY: Final = 0.1
 #: the deadline heap is rebuilt once it holds more than this many entries of closed
 #: connections and they are over half of it
 COMPACT_MIN: Final = 1024
@@ -183,8 +185,11 @@ class Server:
         self.dirty: set[Connection] = set()
         #: where every connection's recv lands before its bytes are copied out
         self.recv_view = memoryview(bytearray(RECV_DATA))
-        #: called at the end of every loop turn (the command line flushes its logs here)
-        self.after_turn: Callable[[], None] | None = None
+        #: called at the end of every loop turn (the command line flushes its logs
+        #: here); while it returns true (log bytes pending), the loop waits at most
+        #: AFTER_TURN_RETRY before its next turn
+        self.after_turn: Callable[[], bool] | None = None
+        self._after_turn_pending = False
         self._deadlines: list[tuple[float, Connection]] = []
         self._dead_deadlines = 0  # entries in the heap whose connection is closed
         self._waiting: list[_Waiting] = []
@@ -241,7 +246,7 @@ class Server:
         while dirty:
             dirty.pop().refresh_interest()
         if self.after_turn is not None:
-            self.after_turn()
+            self._after_turn_pending = self.after_turn()
 
     def _batch_may_grow(self, now: float) -> bool:
         """Whether an extra poll may add to the batch: not while the lock is being
@@ -293,6 +298,8 @@ class Server:
         if self._stopping_since is not None:
             lock_limit = self._stopping_since + self.config.shutdown_lock_wait
             due = min(due, lock_limit if self._waiting else lock_limit + SHUTDOWN_GRACE)
+        if self._after_turn_pending:
+            due = min(due, now + AFTER_TURN_RETRY)
         if due == NEVER:
             return None
         return max(0.0, due - now)
