@@ -56,7 +56,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from selsmtp import replies
+from selsmtp import logs, replies
 from selsmtp.config import Config
 from selsmtp.connection import NEVER, RECV_DATA, Connection
 from selsmtp.session import Action, Deliver, Session
@@ -511,20 +511,20 @@ class Server:
             return
         self._lock_retry_delay = LOCK_RETRY_MIN
         self._lock_retry_at = 0.0
+        info = log.isEnabledFor(logging.INFO)  # the line is made only if logged
         for waiting, number in zip(batch, numbers, strict=True):
             self._release(waiting)
             envelope = waiting.deliver.envelope
             conn = waiting.conn
             conn.messages += 1
             self.delivered += 1
-            log.info(
-                "delivered message %d from <%s> to %d recipient%s for %s",
-                number,
-                envelope.reverse_path,
-                len(envelope.forward_paths),
-                "" if len(envelope.forward_paths) == 1 else "s",
-                conn.peer,
-            )
+            if info:
+                count = len(envelope.forward_paths)
+                logs.info(
+                    log,
+                    f"delivered message {number} from <{envelope.reverse_path}> to {count} "
+                    f"recipient{'' if count == 1 else 's'} for {conn.peer}",
+                )
             self._resolve(conn, functools.partial(conn.session.delivered, number), now)
 
     def _lock_busy(self, batch: list[_Waiting], now: float) -> None:
