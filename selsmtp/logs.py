@@ -126,8 +126,12 @@ class Writer:
         if stat.S_ISREG(mode):
             self._fd = fd
             self._send = lambda data: os.write(fd, data)
-        elif stat.S_ISSOCK(mode):
-            sock = socket.socket(fileno=os.dup(fd))
+        elif stat.S_ISSOCK(mode) and hasattr(socket, "MSG_DONTWAIT"):
+            try:
+                sock = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                self._fd, self._send = fd, self._polled_sender(fd)
+                return
             flags = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
             self._fd, self._close = sock.fileno(), sock.close
             self._send = lambda data: sock.send(data, flags)

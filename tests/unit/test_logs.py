@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import select
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,6 +127,30 @@ def test_a_full_pipe_keeps_bytes_pending_bounds_the_buffer_and_reports_the_gap(
     assert writer.flush() is False
     assert read_all(r) == b"flows again\n"
     assert writer.dropped == 0
+
+
+def test_a_socket_is_written_without_blocking_and_stays_blocking() -> None:
+    # journald hands services a stream socket as standard error
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        writer = logs.Writer(ours.fileno(), limit=4 * 1024 * 1024)
+        for _ in range(40_000):  # ~4 MB: more than the socket buffers hold
+            writer.write(LINE)
+        assert writer.flush() is True  # pending, not blocked
+        assert ours.getblocking()
+        theirs.setblocking(False)
+        received = 0
+        while True:
+            with contextlib.suppress(BlockingIOError):
+                while chunk := theirs.recv(1 << 20):
+                    received += len(chunk)
+            if not writer.flush():
+                break
+        with contextlib.suppress(BlockingIOError):
+            while chunk := theirs.recv(1 << 20):
+                received += len(chunk)
+        assert received == 40_000 * len(LINE)
+        writer.close()
 
 
 def test_a_closed_reader_drops_and_counts_without_raising_or_pending(
