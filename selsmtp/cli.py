@@ -25,6 +25,8 @@ log = logging.getLogger("selsmtp")
 #: descriptors kept back from --max-connections for the listener, the mailbox,
 #: spool files and the like
 FD_RESERVE: Final = 32
+#: seconds the last log lines may wait at exit for standard error to take them
+EXIT_DRAIN: Final = 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,9 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server = Server(config)
     except StartupError as exc:
+        log_handler.writer.drain(EXIT_DRAIN)
         print(f"selsmtp: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
+        log_handler.writer.drain(EXIT_DRAIN)
         where = format_address((config.host, config.port))
         print(f"selsmtp: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -176,10 +180,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.format,
         server.store.last_number + 1,
     )
-    server.after_turn = log_handler.flush
+    # Why flush here: the loop may wait long for its first event, and the start-up
+    # line must be out when the server is ready (SPEC §7).
+    server.after_turn = log_handler.writer.flush
+    log_handler.writer.flush()
     try:
         server.serve_forever()
         log.info("stopped; %d messages delivered", server.delivered)
     finally:
-        log_handler.flush()
+        log_handler.writer.drain(EXIT_DRAIN)
     return 0

@@ -17,6 +17,7 @@ import selectors
 import socket
 from collections.abc import Iterable
 
+from selsmtp import logs
 from selsmtp.replies import Reply
 from selsmtp.session import Action, Deliver, Session
 
@@ -191,10 +192,10 @@ class Connection:
         self._server.forget(self, sock)
         sock.close()
         self.out.clear()
-        log.info(
-            "connection %s closed (%s) after %d message%s",
-            self.peer,
-            reason,
-            self.messages,
-            "" if self.messages == 1 else "s",
-        )
+        if log.isEnabledFor(logging.INFO):  # the line is made only if logged
+            count = self.messages
+            logs.info(
+                log,
+                f"connection {self.peer} closed ({reason}) after {count} "
+                f"message{'' if count == 1 else 's'}",
+            )

@@ -56,7 +56,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from selsmtp import replies
+from selsmtp import logs, replies
 from selsmtp.config import Config
 from selsmtp.connection import NEVER, RECV_DATA, Connection
 from selsmtp.session import Action, Deliver, Session
@@ -83,6 +83,8 @@ ACCEPT_PAUSE: Final = 1.0
 REFUSAL_LOG_INTERVAL: Final = 1.0
 #: seconds after shutdown begins that connections still open are dropped
 SHUTDOWN_GRACE: Final = 2.0
+#: the longest wait while ``after_turn`` has work pending (log lines stderr did not take)
+AFTER_TURN_RETRY: Final = 0.1
 #: the deadline heap is rebuilt once it holds more than this many entries of closed
 #: connections and they are over half of it
 COMPACT_MIN: Final = 1024
@@ -183,8 +185,11 @@ class Server:
         self.dirty: set[Connection] = set()
         #: where every connection's recv lands before its bytes are copied out
         self.recv_view = memoryview(bytearray(RECV_DATA))
-        #: called at the end of every loop turn (the command line flushes its logs here)
-        self.after_turn: Callable[[], None] | None = None
+        #: called at the end of every loop turn (the command line flushes its logs
+        #: here); while it returns true (log bytes pending), the loop waits at most
+        #: AFTER_TURN_RETRY before its next turn
+        self.after_turn: Callable[[], bool] | None = None
+        self._after_turn_pending = False
         self._deadlines: list[tuple[float, Connection]] = []
         self._dead_deadlines = 0  # entries in the heap whose connection is closed
         self._waiting: list[_Waiting] = []
@@ -241,7 +246,7 @@ class Server:
         while dirty:
             dirty.pop().refresh_interest()
         if self.after_turn is not None:
-            self.after_turn()
+            self._after_turn_pending = self.after_turn()
 
     def _batch_may_grow(self, now: float) -> bool:
         """Whether an extra poll may add to the batch: not while the lock is being
@@ -293,6 +298,8 @@ class Server:
         if self._stopping_since is not None:
             lock_limit = self._stopping_since + self.config.shutdown_lock_wait
             due = min(due, lock_limit if self._waiting else lock_limit + SHUTDOWN_GRACE)
+        if self._after_turn_pending:
+            due = min(due, now + AFTER_TURN_RETRY)
         if due == NEVER:
             return None
         return max(0.0, due - now)
@@ -504,20 +511,20 @@ class Server:
             return
         self._lock_retry_delay = LOCK_RETRY_MIN
         self._lock_retry_at = 0.0
+        info = log.isEnabledFor(logging.INFO)  # the line is made only if logged
         for waiting, number in zip(batch, numbers, strict=True):
             self._release(waiting)
             envelope = waiting.deliver.envelope
             conn = waiting.conn
             conn.messages += 1
             self.delivered += 1
-            log.info(
-                "delivered message %d from <%s> to %d recipient%s for %s",
-                number,
-                envelope.reverse_path,
-                len(envelope.forward_paths),
-                "" if len(envelope.forward_paths) == 1 else "s",
-                conn.peer,
-            )
+            if info:
+                count = len(envelope.forward_paths)
+                logs.info(
+                    log,
+                    f"delivered message {number} from <{envelope.reverse_path}> to {count} "
+                    f"recipient{'' if count == 1 else 's'} for {conn.peer}",
+                )
             self._resolve(conn, functools.partial(conn.session.delivered, number), now)
 
     def _lock_busy(self, batch: list[_Waiting], now: float) -> None:

@@ -23,6 +23,9 @@ The servers:
 
 - ``selsmtp``: ``python -m selsmtp`` as shipped (durable: fsync before every 250).
 - ``selsmtp-nofsync``: the same with the hidden, unsafe ``--no-fsync``: what fsync costs.
+- ``selsmtp-warning``: the same with ``--log-level warning`` (no line per connection and
+  per delivery): what logging costs. Only when asked for, e.g.
+  ``--cases ka1 --servers selsmtp,selsmtp-warning``: compare their CPU per 10,000 messages.
 - ``aiosmtpd``: aiosmtpd with a handler that appends every message to one file and
   fsyncs before its 250 (``tools/peers.py``); needs ``pip install 'selsmtp[bench]'``.
 - ``smtpd``: the standard library's ``smtpd`` with the same handler, run by a Python
@@ -128,12 +131,15 @@ CASE_KEYS = {case.key: case for case in CASES}
 SERVERS: dict[str, str] = {
     "selsmtp": "selsmtp",
     "selsmtp-nofsync": "selsmtp --no-fsync",
+    "selsmtp-warning": "selsmtp --log-level warning",
     "aiosmtpd": "aiosmtpd",
     "smtpd": "smtpd (stdlib)",
     "smtp-sink": "smtp-sink -D",
 }
 #: the servers whose memory and start-up are measured (the --no-fsync twin is the same)
 SINGLE_SERVERS = ("selsmtp", "aiosmtpd", "smtpd", "smtp-sink")
+#: run only when --servers names them
+OPT_IN_SERVERS = ("selsmtp-warning",)
 #: for the start-up measure only: the same interpreter running a minimal stdlib server
 #: that answers every connection with a 220, the floor under any Python server's start
 FLOOR = "python-floor"
@@ -350,13 +356,15 @@ def server_command(
     ctx: Context, key: str, port: int, folder: Path, name: str, idle: int
 ) -> list[str]:
     mailbox = str(folder / ("dump" if key == "smtp-sink" else "mailbox"))
-    if key in ("selsmtp", "selsmtp-nofsync"):
+    if key in ("selsmtp", "selsmtp-nofsync", "selsmtp-warning"):
         command = [ctx.python, "-m", "selsmtp", "--host", HOST, "--port", str(port)]
         command += ["--mailbox", mailbox, "--name", name]
         if idle:
             command += ["--max-connections", str(idle + 100)]
         if key == "selsmtp-nofsync":
             command.append("--no-fsync")
+        if key == "selsmtp-warning":
+            command += ["--log-level", "warning"]
         return command
     if key == FLOOR:
         return [ctx.python, "-c", FLOOR_SCRIPT, name, str(port)]
@@ -821,6 +829,7 @@ def available_servers(ctx: Context, smtpd_note: str) -> dict[str, tuple[bool, st
     return {
         "selsmtp": (True, ctx.root_note),
         "selsmtp-nofsync": (True, ctx.root_note + ", --no-fsync (unsafe)"),
+        "selsmtp-warning": (True, ctx.root_note + ", --log-level warning"),
         "aiosmtpd": (aiosmtpd, aiosmtpd_note),
         "smtpd": (ctx.smtpd_python is not None, smtpd_note),
         "smtp-sink": (ctx.smtp_sink is not None and blocked is None, sink_note),
@@ -1280,7 +1289,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda t: parse_list(t, list(SERVERS), "server"),
         default=None,
         metavar="LIST",
-        help="comma-separated servers (all that are installed): " + ", ".join(SERVERS),
+        help="comma-separated servers (all that are installed, except "
+        + ", ".join(OPT_IN_SERVERS)
+        + "): "
+        + ", ".join(SERVERS),
     )
     add(
         "--clients",
@@ -1400,7 +1412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         choose_root(ctx, args.selsmtp_dir)
         found = available_servers(ctx, smtpd_note)
-        wanted = args.servers or list(SERVERS)
+        wanted = args.servers or [s for s in SERVERS if s not in OPT_IN_SERVERS]
         servers = [s for s in wanted if found[s][0]]
         for server in wanted:
             if not found[server][0]:

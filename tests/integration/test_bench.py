@@ -43,7 +43,7 @@ def installed_servers() -> list[str]:
 
 
 def test_smoke_run_writes_json_markdown_and_svg(tmp_path: Path) -> None:
-    servers = installed_servers()
+    servers = [*installed_servers(), "selsmtp-warning"]
     out = tmp_path / "out"
     out.mkdir()
     done = subprocess.run(
@@ -86,7 +86,7 @@ def test_smoke_run_writes_json_markdown_and_svg(tmp_path: Path) -> None:
         assert len(ratio_rows) == 1 and ratio_rows[0]["result"] in ("pass", "miss")
 
     idle = result["idle"]
-    assert set(idle) == {s for s in servers if s != "selsmtp-nofsync"}
+    assert set(idle) == {s for s in servers if s not in ("selsmtp-nofsync", "selsmtp-warning")}
     for entry in idle.values():
         assert entry["ok"] is True, entry
         assert entry["held"] == 50
