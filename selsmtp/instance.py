@@ -127,6 +127,7 @@ class InstanceLock:
         self.path = path
         self._fsync = fsync
         self._durable_reserve = -1  # the reserve this process made durable last
+        self._written: tuple[object, int, str] = ("", -1, "")  # the record now in the file
         try:
             created = not os.path.lexists(path)
             self.fd = open_regular(path, os.O_RDWR | os.O_CREAT)
@@ -218,9 +219,12 @@ class InstanceLock:
     def save(self, number: int, reserved: int, boot: str, *, sync: bool) -> None:
         """Record ``number`` (and the durable ``reserved``); fsync'd if ``sync`` and the
         reserve changed. Raises ``OSError``."""
-        data = Record(os.getpid(), number, reserved, boot).encode()
-        if os.pwrite(self.fd, data, 0) != len(data):
-            raise OSError(errno.EIO, "short write to the lock file")
+        if (number, reserved, boot) != self._written:  # a commit's second line changes none
+            data = Record(os.getpid(), number, reserved, boot).encode()
+            self._written = ("", -1, "")  # unknown until the write is whole
+            if os.pwrite(self.fd, data, 0) != len(data):
+                raise OSError(errno.EIO, "short write to the lock file")
+            self._written = (number, reserved, boot)
         if sync and reserved != self._durable_reserve:
             self._fsync(self.fd)
             self._durable_reserve = reserved
