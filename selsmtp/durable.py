@@ -1,4 +1,12 @@
-"""What both stores share: their errors, whole writes, directory fsyncs, the state file.
+"""What both stores share: errors, safe opens, whole writes, the state file, the format guard.
+
+Every file of ours is opened by :func:`open_regular`: never through a symbolic link,
+never blocking (a FIFO at the path would otherwise hang the loop), and only if
+``fstat`` says it is a regular file; :func:`same_file` compares identities with
+``lstat``. The state line is read at start-up by :func:`read_state`, which tells a
+missing or blank file from a damaged one and refuses the latter, and
+:func:`check_format` compares the mailbox's format (from the line, or its first
+record) with ``--format`` before anything is written.
 
 :class:`~selsmtp.store.FileStore` (the ``cs4410`` and ``mbox`` formats) and
 :class:`~selsmtp.maildir.MaildirStore` keep one short line of state each, beside or
@@ -17,7 +25,10 @@ line may be older than the mailbox: the store reads it with that in mind.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import re
+import stat
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 
@@ -33,8 +44,10 @@ MAX_IOV: Final = 512
 WRITE_CHUNK: Final = 4 << 20
 
 _MAGIC: Final = "selsmtp-state"
-_VERSION: Final = 3
+_VERSION: Final = 4
 _SIZE: Final = 256
+#: added to every open of a file of ours (see :func:`open_regular`)
+_SAFE_FLAGS: Final = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 #: where Linux names the current boot; elsewhere every start counts as after a reboot
 BOOT_ID_PATH: Final = "/proc/sys/kernel/random/boot_id"
 
@@ -69,6 +82,70 @@ if TYPE_CHECKING:
         def close(self) -> None: ...
 
 
+class NotRegularFile(OSError):
+    """Something other than a regular file (a FIFO, a symbolic link, a folder, a
+    device) is where a file of ours should be. ``str()`` says where and what."""
+
+    def __str__(self) -> str:
+        return f"{self.filename} is {self.strerror}, not a regular file"
+
+
+#: what ``fstat``/``lstat`` modes are called in messages
+_KINDS: Final = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def describe(mode: int) -> str:
+    """What a file of this ``st_mode`` is, in words (``"a FIFO"``)."""
+    for test, words in _KINDS:
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
+    """Open the regular file at ``path`` as a raw descriptor, safely; return it.
+
+    The one way selsmtp opens its own files (mailbox, state and lock files, rotated
+    files, Maildir entries): the last component of ``path`` is never followed if it
+    is a symbolic link (``O_NOFOLLOW``), opening never blocks, as it would on a FIFO
+    with no writer or some devices (``O_NONBLOCK``, cleared again once the file is
+    known to be regular, where it means nothing), the descriptor is not inherited
+    across ``exec`` (``O_CLOEXEC``), and ``fstat`` on the open descriptor, not a second
+    look at the path, decides that it is a regular file. Raises
+    :class:`NotRegularFile` (naming the path and what is there) or any other
+    ``OSError`` of ``open``.
+    """
+    try:
+        fd = os.open(path, flags | _SAFE_FLAGS, mode)
+    except OSError as exc:
+        # ELOOP: a symlink under O_NOFOLLOW; EISDIR: a folder opened for writing;
+        # ENXIO: a FIFO with no reader opened write-only; EWOULDBLOCK: a lease.
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV, errno.EAGAIN):
+            try:
+                st = os.lstat(path)
+            except OSError:
+                raise exc from None
+            if not stat.S_ISREG(st.st_mode):
+                raise NotRegularFile(exc.errno, describe(st.st_mode), path) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(errno.EINVAL, describe(st.st_mode), path)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def fsync_directory(path: str) -> None:
     """Make a new directory entry durable (a created file survives a crash)."""
     fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -79,9 +156,10 @@ def fsync_directory(path: str) -> None:
 
 
 def same_file(path: str, fd: int) -> bool:
-    """True if ``path`` names the file open as ``fd``."""
+    """True if ``path`` itself (not what a symbolic link there points to) names the
+    file open as ``fd``."""
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except FileNotFoundError:
         return False
     held = os.fstat(fd)
@@ -132,13 +210,85 @@ def boot_id() -> str:
     return digits[:16]
 
 
+#: how each file format's first record begins (the format guard reads no further)
+_FIRST_RECORD: Final = (
+    ("cs4410", re.compile(rb"\AReceived: from [^\n]* \(CS4410MP3\)\nNumber: [0-9]")),
+    ("mbox", re.compile(rb"\AFrom ")),
+)
+
+
+_KIND_OF_MAILBOX: Final = {
+    "cs4410": "a cs4410 mailbox",
+    "mbox": "an mbox mailbox",
+    "maildir": "a maildir folder",
+    "a file": "a file",
+}
+
+
+def file_format(fd: int) -> str:
+    """The format the first record of the open mailbox file is in; ``""`` if it is
+    empty or begins with neither format's record."""
+    head = os.pread(fd, 512, 0)
+    for name, pattern in _FIRST_RECORD:
+        if pattern.match(head):
+            return name
+    return ""
+
+
+def check_format(path: str, wanted: str, saved: State | None) -> None:
+    """The format guard (SPEC §7): raise :class:`StartupError` if the mailbox at
+    ``path`` is in another format than ``wanted``, as its state line ``saved`` says
+    or, without one that knows, its first record (or, for a Maildir, the kind of
+    file there). Reads only; nothing is created or written."""
+    found, why = "", ""
+    if saved is not None and saved.format and saved.format != wanted:
+        found, why = saved.format, "its state file says so"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if found or st is None:
+        pass
+    elif wanted == "maildir" and stat.S_ISREG(st.st_mode):
+        found, why = "a file", ""
+        fd = open_regular(path, os.O_RDONLY)
+        try:
+            found = file_format(fd) or found
+        finally:
+            os.close(fd)
+    elif wanted != "maildir" and stat.S_ISDIR(st.st_mode):
+        inside = set(os.listdir(path))
+        if {"new", "cur"} <= inside or ".selsmtp" in inside:
+            found = "maildir"
+    elif wanted != "maildir" and stat.S_ISREG(st.st_mode):
+        fd = open_regular(path, os.O_RDONLY)
+        try:
+            found = file_format(fd)
+        finally:
+            os.close(fd)
+        if found == wanted:
+            found = ""
+        why = "its first record says so"
+    if not found:
+        return
+    what, wanted_what = _KIND_OF_MAILBOX.get(found, found), _KIND_OF_MAILBOX[wanted]
+    raise StartupError(
+        f"mailbox {path} is {what}{f' ({why})' if why else ''}, not {wanted_what} as "
+        f"--format {wanted} says; start with the mailbox's format, or another --mailbox"
+    )
+
+
 class State:
     """The committed state of one mailbox, as kept in its state file.
 
-    ``-1`` means "none" or "unknown" in every field but ``number``; ``""`` in ``boot``.
+    ``-1`` means "none" or "unknown" in every field but ``number``; ``""`` in ``boot``
+    and ``format``.
     """
 
-    __slots__ = ("boot", "dev", "end", "first", "ino", "number", "pending", "reserved", "size")
+    __slots__ = (
+        *("boot", "dev", "end", "first", "format", "ino", "number", "pending", "reserved"),
+        "size",
+    )
 
     def __init__(self) -> None:
         self.number = 0  #: the last number given out
@@ -158,6 +308,9 @@ class State:
         self.reserved = -1
         #: the boot this line was written in (:func:`boot_id`)
         self.boot = ""
+        #: the mailbox's format (``cs4410``, ``mbox``, ``maildir``); ``""`` in lines
+        #: older than version 4
+        self.format = ""
 
     def copy(self) -> State:
         other = State()
@@ -170,36 +323,92 @@ class State:
             *(self.number, self.size, self.dev, self.ino, self.pending, self.first),
             *(self.end, self.reserved),
         )
-        text = " ".join([_MAGIC, str(_VERSION), *map(str, fields), self.boot or "-"])
+        words = [_MAGIC, str(_VERSION), *map(str, fields), self.boot or "-", self.format or "-"]
+        text = " ".join(words)
         return f"{text} {zlib.crc32(text.encode()):08x}\n".encode().ljust(_SIZE, b" ")
 
     @classmethod
     def decode(cls, data: bytes) -> State | None:
-        """The state in ``data``, or ``None`` if it is not a whole, intact state line.
-
-        Version 1 lines (no ``first``) and version 2 lines (no ``end``, ``reserved``
-        or ``boot``) are read too."""
-        text, _, crc = data.strip().decode("ascii", "replace").rpartition(" ")
-        fields = text.split(" ")
-        if fields[0] != _MAGIC or len(fields) < 2 or crc != f"{zlib.crc32(text.encode()):08x}":
+        """The state in ``data``, or ``None`` if it is not a whole, intact state line."""
+        try:
+            return cls.parse(data)
+        except ValueError:
             return None
-        version, boot = fields[1], ""
-        if version == str(_VERSION) and len(fields) > 2:
+
+    @classmethod
+    def parse(cls, data: bytes) -> State:
+        """The state in ``data``; raises ``ValueError`` saying what is wrong with it.
+
+        Lines of every version so far are read: 1 (no ``first``), 2 (no ``end``,
+        ``reserved`` or ``boot``), 3 (no ``format``) and 4."""
+        line = data.strip()
+        text, _, crc = line.decode("ascii", "replace").rpartition(" ")
+        fields = text.split(" ")
+        if not line.startswith(_MAGIC.encode() + b" ") or len(fields) < 2:
+            raise ValueError("it does not hold a selsmtp state line")
+        version, boot, format_ = fields[1], "", ""
+        wanted = _FIELDS.get(version)
+        if wanted is None:
+            if version.isdigit() and int(version) > _VERSION:
+                raise ValueError(f"its line is version {version}, newer than this selsmtp reads")
+            raise ValueError(f"its line has an unknown version {version[:20]!r}")
+        if crc != f"{zlib.crc32(text.encode()):08x}":
+            raise ValueError("its checksum does not match (a torn or altered line)")
+        if version == "4" and len(fields) > 3:
+            format_ = "" if fields[-1] == "-" else fields[-1]
+            fields = fields[:-1]
+        if version in ("3", "4") and len(fields) > 2:
             boot = "" if fields[-1] == "-" else fields[-1]
             fields = fields[:-1]
         try:
             values = [int(field) for field in fields[2:]]
         except ValueError:
-            return None
-        wanted = {"1": 5, "2": 6, str(_VERSION): 8}
-        if wanted.get(version) != len(values):
-            return None
+            raise ValueError("it holds a field that is not a number") from None
+        if wanted != len(values):
+            raise ValueError(f"it holds {len(values)} numbers where version {version} has {wanted}")
         values += [-1] * (8 - len(values))
         state = cls()
         state.number, state.size, state.dev, state.ino, state.pending, state.first = values[:6]
         state.end, state.reserved = values[6:]
-        state.boot = boot
+        state.boot, state.format = boot, format_
         return state
+
+
+#: how many numbers each version of the state line holds
+_FIELDS: Final = {"1": 5, "2": 6, "3": 8, "4": 8}
+
+
+def is_blank(data: bytes) -> bool:
+    """True for a state or lock file that holds nothing yet: empty, or zeros (what a
+    file created just before a power cut can hold)."""
+    return not data.strip(b"\0")
+
+
+def read_state(path: str) -> State | None:
+    """The state saved at ``path``, read without creating or changing anything.
+
+    ``None`` if there is no state file or it holds nothing yet. Raises
+    :class:`StartupError` if it is damaged or not a regular file: a damaged line is
+    never taken for a missing one (numbers would start again at 1)."""
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except NotRegularFile as exc:
+        raise StartupError(f"cannot use state file: {exc}") from exc
+    try:
+        data = os.pread(fd, 2 * _SIZE, 0)
+    finally:
+        os.close(fd)
+    if is_blank(data):
+        return None
+    try:
+        return State.parse(data)
+    except ValueError as exc:
+        raise StartupError(
+            f"state file {path} is damaged: {exc}; delete it and selsmtp finds the last "
+            "number again (from the mailbox and its lock file)"
+        ) from None
 
 
 class StateFile:
@@ -211,11 +420,7 @@ class StateFile:
     def __init__(self, path: str, fsync: Fsync) -> None:
         self.path = path
         self._fsync = fsync
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-
-    def load(self) -> State | None:
-        """The saved state; ``None`` if the file is new, empty or damaged."""
-        return State.decode(os.pread(self.fd, 2 * _SIZE, 0))
+        self.fd = open_regular(path, os.O_RDWR | os.O_CREAT)
 
     def save(self, state: State, *, sync: bool) -> None:
         """Write ``state`` (and make it durable if ``sync``); raises ``OSError``."""

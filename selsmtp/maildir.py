@@ -33,39 +33,52 @@ State and crashes
 -----------------
 ``PATH/.selsmtp`` is selsmtp's state line (:class:`~selsmtp.durable.StateFile`): the
 last number given out, and whether a batch was being written. Mail readers look only
-inside ``tmp/``, ``new/`` and ``cur/``. While the server runs it holds an exclusive
-``lockf`` lock on that file, so a second selsmtp on the same Maildir refuses to start
-instead of handing out the same numbers.
+inside ``tmp/``, ``new/`` and ``cur/``. While the server runs it holds the instance
+lock on ``PATH/.selsmtp.lock`` (:mod:`selsmtp.instance`, the same ``flock`` as for the
+file formats), so a second selsmtp on the same Maildir refuses to start instead of
+handing out the same numbers; that file also keeps the second record of the numbers.
+
+Every file is opened with :func:`~selsmtp.durable.open_regular` (never through a
+symbolic link, never blocking, a regular file by ``fstat``), and ``tmp/``, ``new/``
+and ``cur/`` must be real folders, not links: otherwise start-up refuses, naming the
+path and what is there.
 
 After a crash, files in ``tmp/`` with selsmtp's names for this host were never
 acknowledged: they are removed at start-up and logged. Files of the cut-short batch
 that had already reached ``new/`` are whole; they stay, and their numbers stay
-reserved. If the state file is lost, the last number is read from the
-``X-Selsmtp-Number:`` header of every message in ``new/`` and ``cur/``: slow for a big
-Maildir, but only then.
+reserved. If the state file is lost, the last number is the larger of the lock
+file's record and the ``X-Selsmtp-Number:`` header of every message in ``new/`` and
+``cur/`` (slow for a big Maildir, but only then). A damaged state file stops the
+start (:func:`~selsmtp.durable.read_state`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import itertools
 import logging
 import os
 import re
 import socket
+import stat
 import time
 from collections.abc import Callable, Sequence
 
-from selsmtp import formats
+from selsmtp import formats, instance
 from selsmtp.durable import (
     Fsync,
+    NotRegularFile,
     StartupError,
     State,
     StateFile,
     StoreError,
+    boot_id,
+    check_format,
+    describe,
     fsync_directory,
+    open_regular,
+    read_state,
     write_pieces,
 )
 from selsmtp.session import Deliver
@@ -78,6 +91,10 @@ log = logging.getLogger("selsmtp.maildir")
 
 #: the state file, inside the Maildir
 STATE_NAME: Final = ".selsmtp"
+#: the instance lock file (:mod:`selsmtp.instance`), inside the Maildir
+LOCK_NAME: Final = ".selsmtp.lock"
+#: how far past the last number the lock file's durable record reserves numbers
+RESERVED_NUMBERS: Final = 1000
 #: the start of a message file that the state-less scan reads
 HEAD_SIZE: Final = 16384
 
@@ -109,6 +126,8 @@ class MaildirStore:
         fsync: bool = True,
         clock: Callable[[], float] = time.time,
         host: str | None = None,
+        boot: str | None = None,
+        instance_wait: float = instance.WAIT,
     ) -> None:
         self.path = os.path.abspath(path)
         self.state_path = os.path.join(self.path, STATE_NAME)
@@ -119,30 +138,57 @@ class MaildirStore:
         self._fsync: Fsync = os.fsync if fsync else _no_fsync
         self._host = safe_host_name(host or socket.gethostname())
         self._pid = os.getpid()
+        self._boot = boot_id() if boot is None else boot
         self._state = State()
         self._states: StateFile | None = None
         self._new_fd = -1  # new/, kept open for its fsync
+        self._instance: instance.InstanceLock | None = None
+        self._ready = False
         try:
+            check_format(self.path, "maildir", None)  # reads only
             self._make_folders()
+            self._instance = instance.InstanceLock(
+                os.path.join(self.path, LOCK_NAME), self.path, fsync=self._fsync, wait=instance_wait
+            )
+            saved = read_state(self.state_path)
+            check_format(self.path, "maildir", saved)
             self._states = StateFile(self.state_path, self._fsync)
-            self._lock_state()
-            self._new_fd = os.open(self._new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            self._recover()
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            self._new_fd = os.open(self._new, flags)
+            self._recover(saved)
+        except StartupError:
+            self.close()
+            raise
+        except NotRegularFile as exc:
+            self.close()
+            raise StartupError(f"cannot use maildir {self.path}: {exc}") from exc
         except OSError as exc:
             self.close()
             name = exc.filename or self.path
             raise StartupError(f"cannot use maildir {name}: {exc.strerror or exc}") from exc
+        self._ready = True
 
     @property
     def last_number(self) -> int:
         return self._state.number
 
     def close(self) -> None:
+        """Record the exact last number as the reserve (see :mod:`selsmtp.instance`),
+        then close every descriptor, the lock file's last."""
+        if self._ready and self._state.pending < 0:
+            self._ready = False
+            self._state.reserved = self._state.number
+            try:
+                self._save_state(sync=True)
+            except OSError:
+                log.error("cannot update %s", self.state_path, exc_info=True)
         if self._new_fd >= 0:
             os.close(self._new_fd)
             self._new_fd = -1
         if self._states is not None:
-            self._states.close()  # also drops the lock
+            self._states.close()
+        if self._instance is not None:
+            self._instance.close()
 
     def try_append(self, batch: Sequence[Deliver]) -> list[int]:
         """Store each message of ``batch`` as a file in ``new/``; return their numbers.
@@ -178,8 +224,7 @@ class MaildirStore:
         return f"{int(now)}.M{micro:06d}P{self._pid}Q{next(_deliveries)}.{self._host}"
 
     def _write_file(self, name: str, number: int, deliver: Deliver, now: float) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        fd = os.open(os.path.join(self._tmp, name), flags, 0o644)
+        fd = open_regular(os.path.join(self._tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             envelope, body = deliver.envelope, deliver.body
             write_pieces(
@@ -215,43 +260,58 @@ class MaildirStore:
             log.error("cannot update %s", self.state_path, exc_info=True)
 
     def _save_state(self, *, sync: bool) -> None:
-        assert self._states is not None
-        self._states.save(self._state, sync=sync)
+        """Write the state line, then the lock file's record of the numbers. A durable
+        line past the reserve reserves the next :data:`RESERVED_NUMBERS`, so that the
+        record is fsync'd once per that many numbers (the line itself is fsync'd with
+        every batch)."""
+        assert self._states is not None and self._instance is not None
+        state = self._state
+        reserved = state.reserved
+        if sync and state.number > state.reserved:
+            state.reserved = state.number + RESERVED_NUMBERS
+        try:
+            self._states.save(state, sync=sync)
+            self._instance.save(state.number, state.reserved, self._boot, sync=sync)
+        except OSError:
+            state.reserved = reserved
+            raise
 
     # -- start-up ----------------------------------------------------------------
 
     def _make_folders(self) -> None:
+        """Create the folder and its tmp/, new/ and cur/ where missing. The folder
+        itself may be a symbolic link (the user named it); the three inside may not,
+        as mail would be written wherever they point."""
         parent = os.path.dirname(self.path)
         for folder in (self.path, self._tmp, self._new, os.path.join(self.path, "cur")):
             try:
                 os.mkdir(folder, 0o700)
             except FileExistsError:
-                if not os.path.isdir(folder):
-                    raise NotADirectoryError(errno.ENOTDIR, "not a folder", folder) from None
+                mode = (os.stat if folder == self.path else os.lstat)(folder).st_mode
+                if not stat.S_ISDIR(mode):
+                    what = f"{describe(mode)}, not a folder"
+                    raise NotADirectoryError(errno.ENOTDIR, what, folder) from None
                 continue
             fsync_directory(parent if folder == self.path else self.path)
 
-    def _lock_state(self) -> None:
-        assert self._states is not None
-        try:
-            fcntl.lockf(self._states.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise OSError(
-                    exc.errno, "another selsmtp is delivering to it", self.state_path
-                ) from exc
-            raise
-
-    def _recover(self) -> None:
-        assert self._states is not None
-        saved = self._states.load()
+    def _recover(self, saved: State | None) -> None:
+        assert self._instance is not None
+        floor = self._instance.floor(self._boot)
+        if saved is not None and self._instance.is_older(saved, self._boot):
+            log.warning(
+                "%s is older than the numbers recorded in %s (restored from a copy?); "
+                "numbers continue after %d",
+                self.state_path,
+                self._instance.path,
+                floor,
+            )
+            saved = None
         if saved is None:
-            self._state.number = self._scan_numbers()
+            self._state.number = max(self._scan_numbers(), floor)
             if self._state.number:
                 log.info(
                     "no state file; the last number in %s is %d", self.path, self._state.number
                 )
-            self._save_state(sync=True)
         else:
             self._state = saved
             if saved.pending >= 0:
@@ -263,7 +323,8 @@ class MaildirStore:
                     saved.number,
                 )
                 saved.pending = -1
-                self._save_state(sync=True)
+        self._state.format, self._state.boot = "maildir", self._boot
+        self._save_state(sync=True)  # and the lock file records the numbers from now on
         self._clean_tmp()
 
     def _clean_tmp(self) -> None:
@@ -289,7 +350,7 @@ class MaildirStore:
                 if name.startswith("."):
                     continue
                 try:
-                    fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_CLOEXEC)
+                    fd = open_regular(os.path.join(folder, name), os.O_RDONLY)
                 except FileNotFoundError:  # a reader moved it meanwhile
                     continue
                 try:

@@ -19,7 +19,9 @@ The steps (:func:`begin_next_file`)
 -----------------------------------
 The path is never missing and never names a half-made file:
 
-1. create the new file as ``PATH.selsmtp-next`` and lock it;
+1. create the new file as ``PATH.selsmtp-next`` (removing whatever was there, and
+   opening it as :func:`~selsmtp.durable.open_regular` does, with ``O_EXCL``) and
+   lock it;
 2. *link* the current file to ``PATH.A-B`` (it has two names now);
 3. rename the new file over the path.
 
@@ -30,6 +32,9 @@ the very file at the path are left: :func:`remove_leftovers` removes both at sta
 and the rotation is simply done again. After a crash between step 3 and the state
 update, the state names the old file: the file at the path is a new one, as if a
 consumer had renamed the old one away. Nothing is lost and nothing is written twice.
+
+The checks that the path and ``PATH.A-B`` name the file we hold use ``lstat``: a
+symbolic link is never taken for the file it points to.
 
 A rotation needs a file system with hard links. If one fails, the store logs it and
 keeps using the current file; it tries again at the next append.
@@ -43,7 +48,7 @@ import logging
 import os
 import re
 
-from selsmtp.durable import same_file
+from selsmtp.durable import open_regular, same_file
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
@@ -75,8 +80,11 @@ def begin_next_file(path: str, current: int, target: str) -> int:
     Raises ``OSError`` having undone its steps: the path still names ``current``.
     """
     temporary = path + NEXT_SUFFIX
-    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    fd = os.open(temporary, flags, 0o644)
+    # Whatever is at the temporary name (a leftover, or a link someone planted) is
+    # removed, never opened: the new file is made with O_EXCL.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    fd = open_regular(temporary, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
     linked = False
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -4,13 +4,19 @@ Theory of operation
 -------------------
 The mailbox file is opened once, as one raw descriptor, and kept open: POSIX record
 locks belong to the process and vanish when it closes *any* descriptor of the file, so
-nothing else in the process ever opens it. A batch of finished messages is stored by
+nothing else in the process ever opens it (the start-up checks below read it once
+before that descriptor exists). It is opened with
+:func:`~selsmtp.durable.open_regular`: a FIFO, a symbolic link, a folder or a device
+at the path is never opened for writing nor followed; at start-up that is a
+:class:`StartupError`, while running a :class:`StoreError` (451) for the batch, and
+the next batch looks again. A batch of finished messages is stored by
 :meth:`FileStore.try_append`:
 
 1. take the exclusive lock with ``lockf(LOCK_EX | LOCK_NB)``; if a reader holds it,
    return ``None`` at once (the loop never blocks; the caller tries again later);
-2. check that the path still names the file we hold (a consumer may have renamed it
-   away; then the file is created again at the path);
+2. check with ``lstat`` that the path itself still names the file we hold (a consumer
+   may have renamed it away; then the file is created again at the path, and its
+   folder fsync'd; a folder fsync that failed is done again at the next attempt);
 3. render the batch and measure it, then write the commit marker to the state file:
    the batch starts at the file's length and ends ``length`` bytes later, and its
    numbers are taken;
@@ -67,6 +73,17 @@ or one emptied by a consumer), so that a pending batch it names is in this file.
 A reader that empties the mailbox (movemail) or renames it away needs no help from
 us: the next batch sees the new length or the new file, and the numbers go on.
 
+Start-up
+--------
+In this order, so that a refusal changes no file: the format guard reads the path
+(:func:`~selsmtp.durable.check_format`); the instance lock is taken
+(:mod:`selsmtp.instance`: one server per mailbox, and a second record of the numbers);
+the state line is read, a damaged one refused; the guard runs again with the format
+the line records; only then are the mailbox and the state file opened (created if
+missing) and recovered. A state line older than the lock file's record (restored
+from a copy) is set aside as if missing: the mailbox is scanned, and numbers continue
+after the largest number either knows.
+
 Rotation
 --------
 With ``rotate=N``, a batch that crosses a multiple of N is split there: each part is
@@ -88,18 +105,22 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from selsmtp import formats, rotation
+from selsmtp import formats, instance, rotation
 from selsmtp.config import Config
 from selsmtp.durable import (
     MAX_IOV,
     WRITE_CHUNK,
     Fsync,
+    NotRegularFile,
     StartupError,
     State,
     StateFile,
     StoreError,
     boot_id,
+    check_format,
     fsync_directory,
+    open_regular,
+    read_state,
     same_file,
     write_all,
     write_pieces,
@@ -155,8 +176,12 @@ class FileStore:
 
     ``render(number, deliver, now)`` yields the bytes of one record; ``number_pattern``
     finds record numbers in the file when the state file is lost; ``rotate=N`` rotates
-    the file after every N numbers; ``clock`` gives ``now``, once per batch. Raises
-    :class:`StartupError` if the mailbox or its state file cannot be opened.
+    the file after every N numbers; ``clock`` gives ``now``, once per batch;
+    ``format`` (by default, from ``number_pattern``) is what the state line records
+    and the format guard checks; ``instance_wait`` is how long to wait for another
+    process's instance lock (:mod:`selsmtp.instance`). Raises :class:`StartupError`
+    if the mailbox, its state file or its lock file cannot be used (not a regular
+    file, damaged, in another format, locked by another selsmtp).
     """
 
     def __init__(
@@ -169,9 +194,14 @@ class FileStore:
         number_pattern: re.Pattern[bytes] = formats.CS4410_NUMBER,
         clock: Callable[[], float] = time.time,
         boot: str | None = None,
+        format: str | None = None,
+        instance_wait: float = instance.WAIT,
     ) -> None:
         self.path = os.path.abspath(path)
         self.state_path = self.path + STATE_SUFFIX
+        if format is None:
+            format = "mbox" if number_pattern is formats.MBOX_NUMBER else "cs4410"
+        self.format = format
         self._render = render
         self._rotate = rotate or 0
         self._number_pattern = number_pattern
@@ -185,18 +215,38 @@ class FileStore:
         self._torn_size = -1  # the mailbox's length when that was found
         self._boot = boot_id() if boot is None else boot
         self._ready = False  # recovered: the state in memory is the mailbox's
+        self._folder_synced = True  # False: the mailbox was created, its folder not fsync'd
+        self._instance: instance.InstanceLock | None = None
+        # Start-up checks first, and each refusal leaves every file as it was: the
+        # guard reads only, then the lock, then the state line (read only), then the
+        # guard again with what the line says, and only then anything is created.
         try:
+            check_format(self.path, format, None)
+            self._instance = instance.InstanceLock(
+                self.path + instance.LOCK_SUFFIX, self.path, fsync=self._fsync, wait=instance_wait
+            )
+            saved = read_state(self.state_path)
+            check_format(self.path, format, saved)
+        except StartupError:
+            self.close()
+            raise
+        except OSError as exc:
+            self.close()
+            raise StartupError(_cannot("open mailbox", self.path, exc)) from exc
+        try:
+            # Once per start, the mailbox's entry in its folder is made durable, even
+            # if an earlier process created the file and died before doing so.
+            self._folder_synced = False
             self._fd = self._open_mailbox()
             self._states = StateFile(self.state_path, self._fsync)
         except OSError as exc:
             self.close()
-            name = exc.filename or self.path
-            raise StartupError(f"cannot open mailbox {name}: {exc.strerror}") from exc
+            raise StartupError(_cannot("open mailbox", self.path, exc)) from exc
         try:
-            self._recover()
+            self._recover(saved)
         except OSError as exc:
             self.close()
-            raise StartupError(f"cannot recover mailbox {self.path}: {exc.strerror}") from exc
+            raise StartupError(_cannot("recover mailbox", self.path, exc)) from exc
         self._ready = True
 
     @property
@@ -211,7 +261,7 @@ class FileStore:
             self._ready = False
             state.reserved = state.number
             try:
-                self._states.save(state, sync=True)
+                self._save_state(sync=True)  # the line, then the lock file's record
             except OSError:
                 log.error("cannot update %s", self.state_path, exc_info=True)
         for fd in [self._fd, *self._retired]:
@@ -220,6 +270,8 @@ class FileStore:
         self._fd, self._retired = -1, []
         if self._states is not None:
             self._states.close()
+        if self._instance is not None:
+            self._instance.close()  # last: another instance may start from here on
 
     # -- appending ---------------------------------------------------------------
 
@@ -235,6 +287,8 @@ class FileStore:
         try:
             if not self._lock():
                 return None
+        except NotRegularFile as exc:
+            raise StoreError(f"cannot append: {exc}") from exc
         except OSError as exc:
             raise StoreError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
         try:
@@ -369,6 +423,9 @@ class FileStore:
             state.reserved = state.number + RESERVED_NUMBERS
         try:
             self._states.save(state, sync=sync)
+            # The second record of the numbers (see selsmtp.instance), after the line.
+            assert self._instance is not None
+            self._instance.save(state.number, state.reserved, self._boot, sync=sync)
         except OSError:
             state.reserved = reserved  # not durable, so not reserved
             raise
@@ -428,34 +485,49 @@ class FileStore:
             log.info("mailbox %s was moved away; starting a new file", self.path)
             os.close(self._fd)  # also drops the lock on the old file
             self._fd = -1
-            self._fd = self._open_mailbox()
             self._state.first = -1  # none of our records are in the new file
+            self._fd = self._open_mailbox()
 
     def _unlock(self) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def _open_mailbox(self) -> int:
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        """Open the regular file at the path, creating it if there is none (and making
+        its folder durable). Raises ``OSError``: :class:`NotRegularFile` if something
+        else is there; nothing is then opened or changed."""
+        flags = os.O_RDWR | os.O_APPEND
         try:
-            return os.open(self.path, flags)
+            fd = open_regular(self.path, flags)
         except FileNotFoundError:
-            fd = os.open(self.path, flags | os.O_CREAT, 0o644)
-        try:
-            fsync_directory(os.path.dirname(self.path))
-        except OSError:
-            os.close(fd)
-            raise
+            fd = open_regular(self.path, flags | os.O_CREAT)
+            self._folder_synced = False
+        if not self._folder_synced:  # created now, or last time with a failed fsync
+            try:
+                fsync_directory(os.path.dirname(self.path))
+            except OSError:
+                os.close(fd)
+                raise
+            self._folder_synced = True
         return fd
 
     # -- start-up ----------------------------------------------------------------
 
-    def _recover(self) -> None:
+    def _recover(self, saved: State | None) -> None:
         """Find the last number, and remove a torn tail left by a crash."""
-        assert self._states is not None
-        saved = self._states.load()
+        assert self._instance is not None
+        if saved is not None and self._instance.is_older(saved, self._boot):
+            log.warning(
+                "%s is older than the numbers recorded in %s (restored from a copy?); "
+                "its commit marker is ignored, and numbers continue after %d",
+                self.state_path,
+                self._instance.path,
+                self._instance.floor(self._boot),
+            )
+            saved = None
         if saved is None:
             self._recover_without_state()
             return
+        saved.format = self.format
         self._state = saved
         rotation.remove_leftovers(self.path, self._fd, saved.first, saved.number)
         st = os.fstat(self._fd)
@@ -500,6 +572,8 @@ class FileStore:
         # Numbers given out since the line was written may be in records anywhere
         # past it, or taken away by a consumer: only the reserve of the last fsync'd
         # line bounds them. After a clean stop it is the exact last number.
+        assert self._instance is not None
+        saved.reserved = max(saved.reserved, self._instance.floor(self._boot))
         if saved.reserved > saved.number:
             log.warning(
                 "the machine restarted since %s was last made durable; numbers continue "
@@ -520,8 +594,13 @@ class FileStore:
 
     def _recover_without_state(self) -> None:
         state = self._state
-        state.boot = self._boot
-        state.number = max(self._scan_highest_number(), rotation.last_rotated_number(self.path))
+        state.boot, state.format = self._boot, self.format
+        assert self._instance is not None
+        state.number = max(
+            self._scan_highest_number(),
+            rotation.last_rotated_number(self.path),
+            self._instance.floor(self._boot),  # an emptied mailbox holds no numbers
+        )
         if state.number:
             log.info("no state file; the last number of %s is %d", self.path, state.number)
             head = os.pread(self._fd, formats.CHUNK, 0)
@@ -581,6 +660,13 @@ class FileStore:
         return highest
 
 
+def _cannot(what: str, path: str, exc: OSError) -> str:
+    """The one line a start-up failure says."""
+    if isinstance(exc, NotRegularFile):
+        return f"cannot {what}: {exc}"
+    return f"cannot {what} {exc.filename or path}: {exc.strerror or exc}"
+
+
 def _part_size(batch: Sequence[Deliver], first: int) -> int:
     """How many messages of ``batch`` from ``first`` on one commit takes: at least one,
     and no more than :data:`PART_BYTES` of message data held in memory."""
@@ -622,6 +708,7 @@ def open_store(config: Config) -> Store:
             fsync=config.fsync,
             rotate=config.rotate,
             number_pattern=formats.MBOX_NUMBER,
+            format="mbox",
         )
     return FileStore(
         config.mailbox, cs4410_renderer(config.name), fsync=config.fsync, rotate=config.rotate

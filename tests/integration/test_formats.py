@@ -165,7 +165,13 @@ def test_maildir_reads_back_exactly_with_mailbox_maildir(
         number, rest = split_trace(message, since)
         stored[number] = rest
     assert stored == {n: as_stored(body) for n, body in zip(numbers, bodies, strict=True)}
-    assert sorted(p.name for p in folder.iterdir()) == [".selsmtp", "cur", "new", "tmp"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".selsmtp",
+        ".selsmtp.lock",
+        "cur",
+        "new",
+        "tmp",
+    ]
     assert list((folder / "tmp").iterdir()) == []
 
 

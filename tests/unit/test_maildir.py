@@ -101,7 +101,13 @@ def files(folder: Path, sub: str) -> list[str]:
 def test_the_folder_and_tmp_new_cur_are_created(open_store: OpenStore, folder: Path) -> None:
     open_store()
 
-    assert sorted(p.name for p in folder.iterdir()) == [".selsmtp", "cur", "new", "tmp"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".selsmtp",
+        ".selsmtp.lock",
+        "cur",
+        "new",
+        "tmp",
+    ]
     assert all((folder / sub).stat().st_mode & 0o777 == 0o700 for sub in ("tmp", "new", "cur"))
 
 
@@ -212,7 +218,7 @@ def test_numbers_continue_across_reopen(open_store: OpenStore, folder: Path) -> 
     assert sorted(read_back(folder)) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("damage", ["deleted", "garbage"])
+@pytest.mark.parametrize("damage", ["deleted", "deleted-with-the-lock-file"])
 def test_without_a_state_file_the_last_number_is_read_from_new_and_cur(
     open_store: OpenStore, folder: Path, damage: str
 ) -> None:
@@ -222,10 +228,9 @@ def test_without_a_state_file_the_last_number_is_read_from_new_and_cur(
     newest = max(files(folder, "new"), key=lambda n: int(NAME_PATTERN.fullmatch(n)[4]))  # type: ignore[index]
     os.rename(folder / "new" / newest, folder / "cur" / (newest + ":2,S"))
     (folder / "cur" / ".hidden").write_bytes(b"X-Selsmtp-Number: 99\n")
-    if damage == "deleted":
-        (folder / ".selsmtp").unlink()
-    else:
-        (folder / ".selsmtp").write_bytes(b"selsmtp-state 2 1 -1 -1 -1 -1 -1 00000000\n")
+    (folder / ".selsmtp").unlink()
+    if damage == "deleted-with-the-lock-file":  # the scan is all that is left
+        (folder / ".selsmtp.lock").unlink()
 
     second = open_store()
 

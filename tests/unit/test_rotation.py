@@ -367,10 +367,15 @@ def test_a_rotation_that_fails_is_logged_and_tried_again_later(
 
 def _crash_at(step: str, path: str) -> None:
     """Child process: store 2 messages with rotate=2, dying at ``step`` of the rotation."""
-    real = {"link": os.link, "rename": os.rename}
+    real = {"link": os.link, "rename": os.rename, "fsync_directory": store.fsync_directory}
     target = "fsync_directory" if step == "state" else step
+    calls = [0]
 
     def die(*args: Any, **kwargs: Any) -> None:
+        calls[0] += 1
+        if step == "state" and calls[0] == 1:  # the one at start-up, not the rotation's
+            real["fsync_directory"](*args)
+            return
         if step == "rename":
             real["rename"](*args)
         if step == "link":
@@ -378,7 +383,6 @@ def _crash_at(step: str, path: str) -> None:
         os._exit(3)
 
     if target == "fsync_directory":
-        Path(path).touch()  # so that opening it needs no fsync_directory
         store.fsync_directory = die  # type: ignore[assignment]
     else:
         setattr(os, target, die)

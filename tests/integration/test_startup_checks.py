@@ -1,0 +1,161 @@
+"""Start-up refuses a mailbox it would damage (SPEC §7 format guard, §12).
+
+Each case is a real ``python -m selsmtp`` on files made as a user would have them:
+a mailbox of another format (with and without its state file), a Maildir folder
+named as a file mailbox and the other way round, a damaged state file. Each must be
+exit 1 with one line on stderr that says what is wrong, and write nothing: the
+mailbox's and the state file's bytes stay as they were.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+
+from selsmtp import formats
+from selsmtp.maildir import MaildirStore
+from selsmtp.store import FileStore, cs4410_renderer, mbox_renderer
+from tests.stores import NAME, deliver
+
+from .processes import run_selsmtp
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def make_mailbox(path: Path, fmt: str, count: int = 2) -> None:
+    """A mailbox of ``fmt`` holding ``count`` messages, as selsmtp leaves it."""
+    if fmt == "maildir":
+        store: FileStore | MaildirStore = MaildirStore(str(path), NAME)
+    else:
+        render = cs4410_renderer(NAME) if fmt == "cs4410" else mbox_renderer(NAME)
+        pattern = formats.MBOX_NUMBER if fmt == "mbox" else formats.CS4410_NUMBER
+        store = FileStore(str(path), render, number_pattern=pattern)
+    try:
+        store.try_append([deliver() for _ in range(count)])
+    finally:
+        store.close()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` but lock files, and its bytes."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("selsmtp: ")
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0]
+    assert result.stdout == ""
+    return lines[0]
+
+
+@pytest.mark.parametrize("state", ["with-state-file", "without-state-file"])
+@pytest.mark.parametrize(("made", "asked"), [("cs4410", "mbox"), ("mbox", "cs4410")])
+def test_a_file_mailbox_of_another_format_is_refused_and_left_alone(
+    made: str, asked: str, state: str, tmp_path: Path
+) -> None:
+    mailbox = tmp_path / "mailbox"
+    make_mailbox(mailbox, made)
+    if state == "without-state-file":
+        (tmp_path / "mailbox.selsmtp").unlink()
+    before = snapshot(tmp_path)
+
+    result = run_selsmtp("--port", "0", "--mailbox", str(mailbox), "--format", asked)
+
+    assert_one_line(result, str(mailbox), f"{made} mailbox", f"--format {asked}")
+    assert snapshot(tmp_path) == before
+
+
+def test_an_emptied_mailbox_still_has_its_format_in_the_state_file(tmp_path: Path) -> None:
+    mailbox = tmp_path / "mailbox"
+    make_mailbox(mailbox, "mbox")
+    mailbox.write_bytes(b"")  # a consumer took the mail: the first record cannot tell
+    before = snapshot(tmp_path)
+
+    result = run_selsmtp("--port", "0", "--mailbox", str(mailbox), "--format", "cs4410")
+
+    assert_one_line(result, str(mailbox), "mbox mailbox", "--format cs4410", "state file")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("asked", ["cs4410", "mbox"])
+def test_a_maildir_folder_is_refused_as_a_file_mailbox(asked: str, tmp_path: Path) -> None:
+    folder = tmp_path / "Maildir"
+    make_mailbox(folder, "maildir")
+    before = snapshot(tmp_path)
+
+    result = run_selsmtp("--port", "0", "--mailbox", str(folder), "--format", asked)
+
+    assert_one_line(result, str(folder), "maildir folder", f"--format {asked}")
+    assert snapshot(tmp_path) == before
+    assert not (tmp_path / "Maildir.selsmtp.lock").exists()
+
+
+@pytest.mark.parametrize("made", ["cs4410", "mbox"])
+def test_a_file_mailbox_is_refused_as_a_maildir(made: str, tmp_path: Path) -> None:
+    mailbox = tmp_path / "mailbox"
+    make_mailbox(mailbox, made)
+    before = snapshot(tmp_path)
+
+    result = run_selsmtp("--port", "0", "--mailbox", str(mailbox), "--format", "maildir")
+
+    assert_one_line(result, str(mailbox), f"{made} mailbox", "--format maildir")
+    assert snapshot(tmp_path) == before
+
+
+def version_3_line(number: int, mailbox: Path) -> bytes:
+    st = mailbox.stat()
+    text = f"selsmtp-state 3 {number} {st.st_size} {st.st_dev} {st.st_ino} -1 1 -1 {number} -"
+    return f"{text} {zlib.crc32(text.encode()):08x}\n".encode().ljust(256, b" ")
+
+
+def test_a_version_3_state_line_without_a_format_lets_the_first_record_tell(
+    tmp_path: Path,
+) -> None:
+    mailbox = tmp_path / "mailbox"
+    make_mailbox(mailbox, "mbox")
+    (tmp_path / "mailbox.selsmtp").write_bytes(version_3_line(2, mailbox))
+    before = snapshot(tmp_path)
+
+    result = run_selsmtp("--port", "0", "--mailbox", str(mailbox), "--format", "cs4410")
+
+    assert_one_line(result, str(mailbox), "mbox mailbox", "--format cs4410")
+    assert snapshot(tmp_path) == before
+
+
+DAMAGE = {
+    "random-bytes": bytes(range(7, 250, 3)) * 2,
+    "truncated-line": b"selsmtp-state 4 2 180 2049 1234",
+    "newer-version": None,  # made below: a well-formed line of version 9
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_state_file_is_refused_with_what_to_do(damage: str, tmp_path: Path) -> None:
+    mailbox = tmp_path / "mailbox"
+    make_mailbox(mailbox, "cs4410")
+    state = tmp_path / "mailbox.selsmtp"
+    data = DAMAGE[damage]
+    if data is None:
+        text = "selsmtp-state 9 2 0 0 0 -1 1 -1 2 - cs4410 x"
+        data = f"{text} {zlib.crc32(text.encode()):08x}\n".encode()
+    state.write_bytes(data)
+    before = snapshot(tmp_path)
+
+    result = run_selsmtp("--port", "0", "--mailbox", str(mailbox))
+
+    line = assert_one_line(result, str(state), "damaged", "delete it")
+    if damage == "newer-version":
+        assert "version 9" in line
+    assert snapshot(tmp_path) == before
