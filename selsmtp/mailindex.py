@@ -226,6 +226,7 @@ class IndexWriter:
         self.dev = self.ino = -1
         self.end = 0  #: where the last entry's record ends in the mailbox (0: none)
         self.last = 0  #: the last entry's number (0: none)
+        self.last_offset = 0  #: where the last entry's record begins
         self._size = 0  #: the index file's length
         self._header = 0  #: its header's length
         self.fd = _open(self.path, os.O_CREAT)
@@ -257,7 +258,7 @@ class IndexWriter:
                     os.ftruncate(self.fd, tail_start + cut)
                 self._size, self._header = tail_start + cut, header_end
                 self.fmt, self.dev, self.ino = fmt, st.st_dev, st.st_ino
-                self.end, self.last = last.offset + last.length, last.number
+                self._keep(last if last.length else None)
                 return True
         self.reset(fmt, st.st_dev, st.st_ino)
         return False
@@ -269,7 +270,8 @@ class IndexWriter:
         if self.fd < 0:
             self.fd = _open(self.path, os.O_CREAT)
         os.ftruncate(self.fd, 0)
-        self._size = self.end = self.last = 0
+        self._size = 0
+        self._keep(None)
         self._write(line)
         self.fmt, self.dev, self.ino = fmt, dev, ino
         self._header = len(line)
@@ -291,8 +293,7 @@ class IndexWriter:
             except OSError:
                 self.dev = self.ino = -1  # unknown: the next append begins it again
             raise
-        last = entries[-1]
-        self.end, self.last = last.offset + last.length, last.number
+        self._keep(entries[-1])
 
     def truncate_to(self, mailbox_length: int) -> None:
         """Cut the entries of records that do not end within the first
@@ -317,7 +318,7 @@ class IndexWriter:
                 position = self._header
         os.ftruncate(self.fd, position)
         self._size = position
-        self.end, self.last = (kept.offset + kept.length, kept.number) if kept else (0, 0)
+        self._keep(kept)
 
     def rename(self, mailbox_path: str) -> None:
         """The mailbox was renamed to ``mailbox_path`` (rotation): its index goes along,
@@ -326,7 +327,8 @@ class IndexWriter:
         os.close(self.fd)
         self.fd = -1  # reset() opens the new one
         self.dev = self.ino = -1
-        self._size = self.end = self.last = self._header = 0
+        self._size = self._header = 0
+        self._keep(None)
 
     def sync(self) -> None:
         if self.fd >= 0:
@@ -336,6 +338,14 @@ class IndexWriter:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def _keep(self, last: IndexEntry | None) -> None:
+        """Remember ``last`` as the last entry (``None``: there are none)."""
+        if last is None:
+            self.end = self.last = self.last_offset = 0
+        else:
+            self.end, self.last = last.offset + last.length, last.number
+            self.last_offset = last.offset
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)

@@ -16,8 +16,9 @@ nothing else in the process ever opens it. A batch of finished messages is store
    numbers are taken;
 4. write every record of the batch through the raw descriptor (``writev``, looping
    over short writes), and ``fsync`` the file: the one fsync a batch costs;
-5. record the new committed length in the state file, and release the lock. Only
-   now may the caller send the 250 replies.
+5. list the batch's records in the offsets index (one ``write``, see below), record
+   the new committed length in the state file, and release the lock. Only now may
+   the caller send the 250 replies.
 
 If a write or an fsync fails, the file is cut back to its length before the batch
 while the lock is still held, and :class:`StoreError` is raised: nothing partial is
@@ -67,14 +68,29 @@ or one emptied by a consumer), so that a pending batch it names is in this file.
 A reader that empties the mailbox (movemail) or renames it away needs no help from
 us: the next batch sees the new length or the new file, and the numbers go on.
 
+The offsets index
+-----------------
+``PATH.selsmtp-index`` (:mod:`selsmtp.mailindex`) lists the offset, length and number
+of every record this store wrote into the file, so that readers find exactly those
+records even when a ``cs4410`` body holds look-alike record heads (SPEC §7). Its
+entries are appended after the batch's fsync and before its commit is recorded, so
+they never point at mail that is not on disk, and a batch that start-up or a failure
+cuts loses its entries too. The index follows the file: it begins again (a header
+naming the file, no entries) for a new file, one renamed away, one a consumer
+emptied or others rewrote (its last entry's record head is no longer there), and it
+is renamed along with a rotated file. Another program's records and the bytes the
+store writes to reach a record boundary are not listed. The index costs one
+``write`` per batch and no fsync of its own (it is fsync'd with the state line); a
+failure to write it is logged and costs readers the index, never mail.
+
 Rotation
 --------
 With ``rotate=N``, a batch that crosses a multiple of N is split there: each part is
 committed (steps 3-5) into its own file, and between the parts the file is renamed to
-``PATH.A-B`` and a new one begins, under the lock (:mod:`selsmtp.rotation` has the
-policy and the crash analysis). If a later part fails, the parts already committed
-are cut back too, so a batch is stored whole or not at all; their numbers stay
-reserved, as a rotated file's name already covers them.
+``PATH.A-B`` (its index to ``PATH.A-B.selsmtp-index``) and a new one begins, under the
+lock (:mod:`selsmtp.rotation` has the policy and the crash analysis). If a later part
+fails, the parts already committed are cut back too, so a batch is stored whole or
+not at all; their numbers stay reserved, as a rotated file's name already covers them.
 """
 
 from __future__ import annotations
@@ -88,7 +104,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from selsmtp import formats, rotation
+from selsmtp import formats, mailindex, rotation
 from selsmtp.config import Config
 from selsmtp.durable import (
     MAX_IOV,
@@ -169,9 +185,15 @@ class FileStore:
         number_pattern: re.Pattern[bytes] = formats.CS4410_NUMBER,
         clock: Callable[[], float] = time.time,
         boot: str | None = None,
+        format: str | None = None,
     ) -> None:
         self.path = os.path.abspath(path)
         self.state_path = self.path + STATE_SUFFIX
+        if format is None:  # the format the records of ``render`` are in
+            format = "mbox" if number_pattern is formats.MBOX_NUMBER else "cs4410"
+        self.format = format
+        self._index: mailindex.IndexWriter | None = None
+        self._index_broken = False  # the last index write failed (said once)
         self._render = render
         self._rotate = rotate or 0
         self._number_pattern = number_pattern
@@ -192,6 +214,7 @@ class FileStore:
             self.close()
             name = exc.filename or self.path
             raise StartupError(f"cannot open mailbox {name}: {exc.strerror}") from exc
+        self._open_index()
         try:
             self._recover()
         except OSError as exc:
@@ -212,8 +235,12 @@ class FileStore:
             state.reserved = state.number
             try:
                 self._states.save(state, sync=True)
+                if self._index is not None:
+                    self._index.sync()
             except OSError:
                 log.error("cannot update %s", self.state_path, exc_info=True)
+        if self._index is not None:
+            self._index.close()
         for fd in [self._fd, *self._retired]:
             if fd >= 0:
                 os.close(fd)
@@ -287,8 +314,10 @@ class FileStore:
             or (st.st_dev, st.st_ino) != (state.dev, state.ino)
             or start < state.size
         )
+        index = self._index_for(st)
         try:
-            records, length = self._render_part(number + 1, part, now)
+            records, lengths = self._render_part(number + 1, part, now)
+            length = sum(lengths)
             # The commit marker: the batch starts at ``start`` and ends at ``end``,
             # and its numbers are taken. No fsync (see "The state file" above).
             state.dev, state.ino, state.size, state.pending = st.st_dev, st.st_ino, start, start
@@ -301,6 +330,8 @@ class FileStore:
             if written != length:
                 raise OSError(errno.EIO, f"wrote {written} bytes of a {length}-byte batch")
             self._fsync(self._fd)
+            if index is not None:
+                self._index_records(index, start, lengths, number + 1, sync=sync)
             state.size, state.pending, state.end = start + written, -1, -1
             self._save_state(sync=False)
         except OSError:
@@ -310,24 +341,24 @@ class FileStore:
 
     def _render_part(
         self, first: int, part: Sequence[Deliver], now: float
-    ) -> tuple[list[Iterable[bytes]], int]:
-        """The records of ``part`` (numbered from ``first``) and their total length.
+    ) -> tuple[list[Iterable[bytes]], list[int]]:
+        """The records of ``part`` (numbered from ``first``) and their lengths.
 
         A spooled message is rendered twice, once to measure it and once, lazily, to
         write it, so that it never has to sit in memory whole."""
         records: list[Iterable[bytes]] = []
-        length = 0
+        lengths: list[int] = []
         for number, deliver in enumerate(part, first):
             body = deliver.body
             if isinstance(body, bytes):
                 pieces = list(self._render(number, deliver, now))
-                length += sum(map(len, pieces))
+                lengths.append(sum(map(len, pieces)))
                 records.append(pieces)
             else:
-                length += sum(map(len, self._render(number, deliver, now)))
+                lengths.append(sum(map(len, self._render(number, deliver, now))))
                 body.seek(0)
                 records.append(self._render(number, deliver, now))
-        return records, length
+        return records, lengths
 
     def _roll_back(self, start: int, number: int, first: int) -> None:
         """Cut the file back to ``start`` and the numbers back to ``number``."""
@@ -336,6 +367,7 @@ class FileStore:
             self._fsync(self._fd)
         except OSError:
             log.critical("cannot cut %s back to %d bytes", self.path, start, exc_info=True)
+        self._cut_index(start)
         state = self._state
         state.number, state.first, state.size, state.pending = number, first, start, -1
         state.end = -1
@@ -351,6 +383,11 @@ class FileStore:
                 log.critical(
                     "cannot cut a part of a failed batch out of %s", self.path, exc_info=True
                 )
+        # The index of a file rotated away in the batch now lists records past its
+        # end, and readers see it as stale; the current file's is cut here.
+        starts = [start for fd, start in done if fd == self._fd]
+        if starts:
+            self._cut_index(starts[0])
         state = self._state
         if done[0][0] == self._fd:  # no rotation in between: as before the batch
             state.number, state.first, state.size = before.number, before.first, done[0][1]
@@ -379,6 +416,92 @@ class FileStore:
         except OSError:
             log.error("cannot update %s", self.state_path, exc_info=True)
 
+    # -- the offsets index (selsmtp.mailindex) -----------------------------------
+
+    def _open_index(self) -> None:
+        """Open the index and go on with it if it describes the mailbox file; else
+        begin it again. Without one (it cannot be opened), mail is stored all the
+        same, and readers parse the mailbox."""
+        try:
+            index = mailindex.IndexWriter(self.path, self._fsync)
+        except OSError as exc:
+            self._index_failed(mailindex.index_path(self.path), exc)
+            return
+        try:
+            if index.adopt(self.format, os.fstat(self._fd)) and not self._holds_last(index):
+                index.reset(self.format, index.dev, index.ino)  # the file was rewritten
+        except OSError as exc:
+            index.close()
+            self._index_failed(index.path, exc)
+            return
+        self._index = index
+
+    def _holds_last(self, index: mailindex.IndexWriter) -> bool:
+        """True if the last record ``index`` lists still begins where it says."""
+        if not index.last:
+            return True
+        head = os.pread(self._fd, HEAD_BYTES, index.last_offset)
+        found = self._number_pattern.search(head)
+        return (
+            found is not None
+            and b"\n" not in head[: found.start()]
+            and int(found.group(1)) == index.last
+        )
+
+    def _index_for(self, st: os.stat_result) -> mailindex.IndexWriter | None:
+        """The index, ready to list records appended at the end of the file ``st``:
+        begun again if it describes another file (new, or renamed away) or one
+        emptied or rewritten since its last entry. ``None`` if it cannot be written.
+
+        No system call when the file is the one our last commit left (a pread when
+        another program appended since)."""
+        index = self._index
+        if index is None:
+            return None
+        try:
+            if (
+                not index.describes(st.st_dev, st.st_ino)
+                or st.st_size < index.end
+                or (st.st_size != self._state.size and not self._holds_last(index))
+            ):
+                index.reset(self.format, st.st_dev, st.st_ino)
+        except OSError as exc:
+            self._index_failed(index.path, exc)
+            return None
+        return index
+
+    def _index_records(
+        self, index: mailindex.IndexWriter, start: int, lengths: list[int], first: int, sync: bool
+    ) -> None:
+        """List the records just committed at ``start`` (their ``lengths``, numbered
+        from ``first``) in one write. A failure costs readers the index, never mail."""
+        entries = []
+        for number, length in enumerate(lengths, first):
+            entries.append(mailindex.IndexEntry(start, length, number))
+            start += length
+        try:
+            index.append(entries)
+            if sync:  # the state line was made durable for this commit: the index too
+                index.sync()
+            self._index_broken = False
+        except OSError as exc:
+            self._index_failed(index.path, exc)
+
+    def _cut_index(self, length: int) -> None:
+        """Records past ``length`` were cut from the current file: cut their entries."""
+        index = self._index
+        if index is None:
+            return
+        try:
+            index.truncate_to(length)
+        except OSError as exc:
+            self._index_failed(index.path, exc)
+
+    def _index_failed(self, path: str, exc: OSError) -> None:
+        if not self._index_broken:  # once until it works again
+            log.error("cannot write %s (%s); readers parse %s instead", path, exc, self.path)
+        self._index_broken = True
+
     # -- rotation ----------------------------------------------------------------
 
     def _rotation_due(self) -> bool:
@@ -398,6 +521,12 @@ class FileStore:
         self._retired.append(self._fd)
         self._fd = fd
         log.info("rotated %s to %s", self.path, target)
+        if self._index is not None:
+            try:
+                self._index.rename(target)
+            except OSError as exc:
+                log.error("cannot move the index of %s along to %s: %s", self.path, target, exc)
+            self._index_for(os.fstat(fd))
         state.first, state.size, state.pending = -1, 0, -1
         try:
             st = os.fstat(fd)
@@ -551,6 +680,7 @@ class FileStore:
         else:
             os.ftruncate(self._fd, saved.pending)
             self._fsync(self._fd)
+            self._cut_index(saved.pending)
             log.warning(
                 "removed a torn tail of %d bytes from %s (an append cut short by a crash)",
                 st.st_size - saved.pending,
@@ -622,6 +752,7 @@ def open_store(config: Config) -> Store:
             fsync=config.fsync,
             rotate=config.rotate,
             number_pattern=formats.MBOX_NUMBER,
+            format="mbox",
         )
     return FileStore(
         config.mailbox, cs4410_renderer(config.name), fsync=config.fsync, rotate=config.rotate
