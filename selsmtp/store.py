@@ -68,6 +68,20 @@ or one emptied by a consumer), so that a pending batch it names is in this file.
 A reader that empties the mailbox (movemail) or renames it away needs no help from
 us: the next batch sees the new length or the new file, and the numbers go on.
 
+Record boundaries
+-----------------
+Each record begins at a record boundary, whatever the file holds (SPEC §7): at its
+start, after a blank line, or where our own last record (per the index) ends. If
+another program left the file ending elsewhere (a record it died writing), its bytes
+are kept, and the batch is written after the fewest LFs (one or two) that put the
+first record after a blank line, with a warning naming the damaged region (from the
+end of the last whole record, as well as the index and the last record head tell, to
+the end of the file). Only the pending batch of the state file is ever cut, and the
+LFs are part of the batch: counted in its length and its commit, cut with it by a
+failure or by crash recovery, so a crash right after them cuts nothing of another
+program's. The end of the file is read (two bytes) only when it is not where our last
+commit left it: at the first append after a start, or after another program wrote.
+
 The offsets index
 -----------------
 ``PATH.selsmtp-index`` (:mod:`selsmtp.mailindex`) lists the offset, length and number
@@ -158,6 +172,11 @@ HEAD_BYTES: Final = 4096
 #: before the commit marker is written); a larger batch becomes several commits
 PART_BYTES: Final = 16 << 20
 
+#: how far back from the end of the file a damaged region is looked for
+DAMAGE_WINDOW: Final = 1 << 16
+#: a record begins after a blank line, with its format's first line
+RECORD_STARTS: Final = {"cs4410": b"\n\nReceived: from ", "mbox": b"\n\nFrom "}
+
 #: ``render(number, deliver, now)`` yields the bytes of one record
 Renderer = Callable[[int, Deliver, float], Iterable[bytes]]
 
@@ -194,6 +213,8 @@ class FileStore:
         self.format = format
         self._index: mailindex.IndexWriter | None = None
         self._index_broken = False  # the last index write failed (said once)
+        #: (dev, ino, length) of the file where our last commit ended it: a boundary
+        self._boundary = (-1, -1, -1)
         self._render = render
         self._rotate = rotate or 0
         self._number_pattern = number_pattern
@@ -315,9 +336,10 @@ class FileStore:
             or start < state.size
         )
         index = self._index_for(st)
+        fixup = self._fixup(st)
         try:
             records, lengths = self._render_part(number + 1, part, now)
-            length = sum(lengths)
+            length = len(fixup) + sum(lengths)
             # The commit marker: the batch starts at ``start`` and ends at ``end``,
             # and its numbers are taken. No fsync (see "The state file" above).
             state.dev, state.ino, state.size, state.pending = st.st_dev, st.st_ino, start, start
@@ -326,18 +348,71 @@ class FileStore:
             if state.first < 0:
                 state.first = number + 1
             self._save_state(sync=sync)
-            written = write_pieces(self._fd, itertools.chain.from_iterable(records))
+            pieces = itertools.chain([fixup], itertools.chain.from_iterable(records))
+            written = write_pieces(self._fd, pieces)
             if written != length:
                 raise OSError(errno.EIO, f"wrote {written} bytes of a {length}-byte batch")
             self._fsync(self._fd)
             if index is not None:
-                self._index_records(index, start, lengths, number + 1, sync=sync)
+                self._index_records(index, start + len(fixup), lengths, number + 1, sync=sync)
             state.size, state.pending, state.end = start + written, -1, -1
             self._save_state(sync=False)
         except OSError:
             self._roll_back(start, number, first)
             raise
+        self._boundary = (st.st_dev, st.st_ino, start + written)
         return start
+
+    def _fixup(self, st: os.stat_result) -> bytes:
+        """The bytes to write before the next record so that it begins at a record
+        boundary in the file ``st`` (SPEC §7): none if the file is empty, ends with a
+        blank line or with the last record the index lists; else a LF or two, and a
+        warning saying where the damage is.
+
+        No system call when the file ends where our last commit left it."""
+        size = st.st_size
+        if size == 0 or self._boundary == (st.st_dev, st.st_ino, size):
+            return b""
+        # Our own last record (checked by _index_for) ends the file: it ends with no
+        # blank line when its body had no final LF, and is a boundary all the same.
+        index = self._index
+        listed = index is not None and index.describes(st.st_dev, st.st_ino)
+        if listed and index is not None and index.last and index.end == size:
+            return b""
+        tail = (b"\n\n" + os.pread(self._fd, 2, max(0, size - 2)))[-2:]
+        if tail == b"\n\n":
+            self._boundary = (st.st_dev, st.st_ino, size)
+            return b""
+        fixup = b"\n" if tail.endswith(b"\n") else b"\n\n"
+        offset, exact = self._damage_start(st)
+        log.warning(
+            "%s does not end where a record may begin: damaged region at offset %d, "
+            "length %d%s (a record another program left cut short?); kept as it is, "
+            "and %d byte(s) written so that the next record begins after a blank line",
+            self.path,
+            offset,
+            size - offset,
+            "" if exact else " at least",
+            len(fixup),
+        )
+        return fixup
+
+    def _damage_start(self, st: os.stat_result) -> tuple[int, bool]:
+        """Where the last whole record of the file ``st`` ends, as well as we can tell
+        (and whether that is exact): past the last record listed in the index, at the
+        start of the last record head that follows a blank line after it."""
+        index = self._index
+        known = 0
+        if index is not None and index.describes(st.st_dev, st.st_ino):
+            known = index.end  # checked by _index_for: our last record is there
+        elif (st.st_dev, st.st_ino) == (self._state.dev, self._state.ino):
+            known = min(self._state.size, st.st_size)
+        window = max(known, st.st_size - DAMAGE_WINDOW)
+        data = os.pread(self._fd, st.st_size - window, window)
+        found = data.rfind(RECORD_STARTS[self.format])
+        if found >= 0:
+            return window + found + 2, True
+        return window, window == known
 
     def _render_part(
         self, first: int, part: Sequence[Deliver], now: float
@@ -642,6 +717,9 @@ class FileStore:
         """True if the mailbox at ``offset`` begins one of our records numbered at most
         ``last``, or a header cut short before its number or its end."""
         head = os.pread(self._fd, HEAD_BYTES, offset)
+        stripped = head.lstrip(b"\n")
+        if len(head) - len(stripped) <= 2:  # the fix-up before a record (_fixup)
+            head = stripped
         found = self._number_pattern.search(head)
         if found is None:
             return b"\n\n" not in head
