@@ -42,7 +42,9 @@ it is the commit marker of SPEC §5.5.
 Why the line needs no fsync per batch: after a crash of the process alone, the page
 cache still holds the last line written, fsync'd or not. It says a batch was being
 written only if its fsync had not finished, so no 250 went out, and the bytes past
-the batch's start are a torn tail, removed at start-up (whole or not). Bytes past the
+the batch's start are a torn tail, removed at start-up (whole or not), unless they
+reach past where the batch would have ended: then another program appended after it
+while we were down, and nothing is cut (see "Record boundaries"). Bytes past the
 committed length with no batch in progress were appended by another program under
 the lock and are kept.
 
@@ -754,6 +756,18 @@ class FileStore:
                 self._torn_size - saved.pending,
                 saved.pending,
                 self.path,
+            )
+        elif 0 <= saved.end < st.st_size:
+            # More than the batch could have written: another program appended after
+            # it while we were down. Only bytes provably ours are cut (SPEC §7), so the
+            # tail stays, and the next record begins after a blank line (_fixup).
+            log.error(
+                "kept a torn tail of at most %d bytes at offset %d of %s: another "
+                "program appended %d bytes or more after it",
+                saved.end - saved.pending,
+                saved.pending,
+                self.path,
+                st.st_size - saved.end,
             )
         else:
             os.ftruncate(self._fd, saved.pending)

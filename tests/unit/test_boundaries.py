@@ -409,3 +409,35 @@ def test_no_read_of_the_file_while_only_selsmtp_writes_it(
     for _ in range(5):
         mailbox_store.try_append([deliver(), deliver()])
     assert reads == []
+
+
+def _crash_mid_append(path: str, fmt: str) -> None:
+    """Child: store one message, then die with all but one byte of the next written."""
+    crashing = FileStore(path, **store_options(fmt))
+    crashing.try_append([deliver()])
+    _write_then_die(lambda data: len(data) - 1)
+    crashing.try_append([deliver()])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bytes_past_the_end_the_torn_batch_could_reach_are_never_cut(
+    open_store: OpenStore, mailbox: Path, fmt: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The batch cut short could have ended one byte later at most; another program
+    # appended more than that while selsmtp was down: those bytes are not ours.
+    child = multiprocessing.get_context("spawn").Process(
+        target=_crash_mid_append, args=(str(mailbox), fmt)
+    )
+    child.start()
+    child.join(WAIT)
+    assert child.exitcode == 3
+    append_foreign(mailbox, TORN[fmt])
+    left = mailbox.read_bytes()
+
+    with caplog.at_level(logging.WARNING, logger="selsmtp.store"):
+        mailbox_store = open_store(fmt)
+        assert mailbox.read_bytes() == left  # nothing cut
+        assert mailbox_store.try_append([deliver()]) == [3]
+
+    assert mailbox.read_bytes() == left + b"\n\n" + RECORD[fmt](3)
+    assert any("kept a torn tail" in r.getMessage() for r in caplog.records)
