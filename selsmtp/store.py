@@ -22,8 +22,9 @@ the next batch looks again. A batch of finished messages is stored by
    numbers are taken;
 4. write every record of the batch through the raw descriptor (``writev``, looping
    over short writes), and ``fsync`` the file: the one fsync a batch costs;
-5. record the new committed length in the state file, and release the lock. Only
-   now may the caller send the 250 replies.
+5. list the batch's records in the offsets index (one ``write``, see below), record
+   the new committed length in the state file, and release the lock. Only now may
+   the caller send the 250 replies.
 
 If a write or an fsync fails, the file is cut back to its length before the batch
 while the lock is still held, and :class:`StoreError` is raised: nothing partial is
@@ -47,7 +48,9 @@ it is the commit marker of SPEC §5.5.
 Why the line needs no fsync per batch: after a crash of the process alone, the page
 cache still holds the last line written, fsync'd or not. It says a batch was being
 written only if its fsync had not finished, so no 250 went out, and the bytes past
-the batch's start are a torn tail, removed at start-up (whole or not). Bytes past the
+the batch's start are a torn tail, removed at start-up (whole or not), unless they
+reach past where the batch would have ended: then another program appended after it
+while we were down, and nothing is cut (see "Record boundaries"). Bytes past the
 committed length with no batch in progress were appended by another program under
 the lock and are kept.
 
@@ -84,14 +87,43 @@ missing) and recovered. A state line older than the lock file's record (restored
 from a copy) is set aside as if missing: the mailbox is scanned, and numbers continue
 after the largest number either knows.
 
+Record boundaries
+-----------------
+Each record begins at a record boundary, whatever the file holds (SPEC §7): at its
+start, after a blank line, or where our own last record (per the index) ends. If
+another program left the file ending elsewhere (a record it died writing), its bytes
+are kept, and the batch is written after the fewest LFs (one or two) that put the
+first record after a blank line, with a warning naming the damaged region (from the
+end of the last whole record, as well as the index and the last record head tell, to
+the end of the file). Only the pending batch of the state file is ever cut, and the
+LFs are part of the batch: counted in its length and its commit, cut with it by a
+failure or by crash recovery, so a crash right after them cuts nothing of another
+program's. The end of the file is read (two bytes) only when it is not where our last
+commit left it: at the first append after a start, or after another program wrote.
+
+The offsets index
+-----------------
+``PATH.selsmtp-index`` (:mod:`selsmtp.mailindex`) lists the offset, length and number
+of every record this store wrote into the file, so that readers find exactly those
+records even when a ``cs4410`` body holds look-alike record heads (SPEC §7). Its
+entries are appended after the batch's fsync and before its commit is recorded, so
+they never point at mail that is not on disk, and a batch that start-up or a failure
+cuts loses its entries too. The index follows the file: it begins again (a header
+naming the file, no entries) for a new file, one renamed away, one a consumer
+emptied or others rewrote (its last entry's record head is no longer there), and it
+is renamed along with a rotated file. Another program's records and the bytes the
+store writes to reach a record boundary are not listed. The index costs one
+``write`` per batch and no fsync of its own (it is fsync'd with the state line); a
+failure to write it is logged and costs readers the index, never mail.
+
 Rotation
 --------
 With ``rotate=N``, a batch that crosses a multiple of N is split there: each part is
 committed (steps 3-5) into its own file, and between the parts the file is renamed to
-``PATH.A-B`` and a new one begins, under the lock (:mod:`selsmtp.rotation` has the
-policy and the crash analysis). If a later part fails, the parts already committed
-are cut back too, so a batch is stored whole or not at all; their numbers stay
-reserved, as a rotated file's name already covers them.
+``PATH.A-B`` (its index to ``PATH.A-B.selsmtp-index``) and a new one begins, under the
+lock (:mod:`selsmtp.rotation` has the policy and the crash analysis). If a later part
+fails, the parts already committed are cut back too, so a batch is stored whole or
+not at all; their numbers stay reserved, as a rotated file's name already covers them.
 """
 
 from __future__ import annotations
@@ -105,7 +137,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from selsmtp import formats, instance, rotation
+from selsmtp import formats, instance, mailindex, rotation
 from selsmtp.config import Config
 from selsmtp.durable import (
     MAX_IOV,
@@ -163,6 +195,11 @@ HEAD_BYTES: Final = 4096
 #: before the commit marker is written); a larger batch becomes several commits
 PART_BYTES: Final = 16 << 20
 
+#: how far back from the end of the file a damaged region is looked for
+DAMAGE_WINDOW: Final = 1 << 16
+#: a record begins after a blank line, with its format's first line
+RECORD_STARTS: Final = {"cs4410": b"\n\nReceived: from ", "mbox": b"\n\nFrom "}
+
 #: ``render(number, deliver, now)`` yields the bytes of one record
 Renderer = Callable[[int, Deliver, float], Iterable[bytes]]
 
@@ -199,9 +236,13 @@ class FileStore:
     ) -> None:
         self.path = os.path.abspath(path)
         self.state_path = self.path + STATE_SUFFIX
-        if format is None:
+        if format is None:  # the format the records of ``render`` are in
             format = "mbox" if number_pattern is formats.MBOX_NUMBER else "cs4410"
         self.format = format
+        self._index: mailindex.IndexWriter | None = None
+        self._index_broken = False  # the last index write failed (said once)
+        #: (dev, ino, length) of the file where our last commit ended it: a boundary
+        self._boundary = (-1, -1, -1)
         self._render = render
         self._rotate = rotate or 0
         self._number_pattern = number_pattern
@@ -242,6 +283,7 @@ class FileStore:
         except OSError as exc:
             self.close()
             raise StartupError(_cannot("open mailbox", self.path, exc)) from exc
+        self._open_index()
         try:
             self._recover(saved)
         except OSError as exc:
@@ -262,8 +304,12 @@ class FileStore:
             state.reserved = state.number
             try:
                 self._save_state(sync=True)  # the line, then the lock file's record
+                if self._index is not None:
+                    self._index.sync()
             except OSError:
                 log.error("cannot update %s", self.state_path, exc_info=True)
+        if self._index is not None:
+            self._index.close()
         for fd in [self._fd, *self._retired]:
             if fd >= 0:
                 os.close(fd)
@@ -341,8 +387,11 @@ class FileStore:
             or (st.st_dev, st.st_ino) != (state.dev, state.ino)
             or start < state.size
         )
+        index = self._index_for(st)
+        fixup = self._fixup(st)
         try:
-            records, length = self._render_part(number + 1, part, now)
+            records, lengths = self._render_part(number + 1, part, now)
+            length = len(fixup) + sum(lengths)
             # The commit marker: the batch starts at ``start`` and ends at ``end``,
             # and its numbers are taken. No fsync (see "The state file" above).
             state.dev, state.ino, state.size, state.pending = st.st_dev, st.st_ino, start, start
@@ -351,37 +400,92 @@ class FileStore:
             if state.first < 0:
                 state.first = number + 1
             self._save_state(sync=sync)
-            written = write_pieces(self._fd, itertools.chain.from_iterable(records))
+            pieces = itertools.chain([fixup], itertools.chain.from_iterable(records))
+            written = write_pieces(self._fd, pieces)
             if written != length:
                 raise OSError(errno.EIO, f"wrote {written} bytes of a {length}-byte batch")
             self._fsync(self._fd)
+            if index is not None:
+                self._index_records(index, start + len(fixup), lengths, number + 1, sync=sync)
             state.size, state.pending, state.end = start + written, -1, -1
             self._save_state(sync=False)
         except OSError:
             self._roll_back(start, number, first)
             raise
+        self._boundary = (st.st_dev, st.st_ino, start + written)
         return start
+
+    def _fixup(self, st: os.stat_result) -> bytes:
+        """The bytes to write before the next record so that it begins at a record
+        boundary in the file ``st`` (SPEC §7): none if the file is empty, ends with a
+        blank line or with the last record the index lists; else a LF or two, and a
+        warning saying where the damage is.
+
+        No system call when the file ends where our last commit left it."""
+        size = st.st_size
+        if size == 0 or self._boundary == (st.st_dev, st.st_ino, size):
+            return b""
+        # Our own last record (checked by _index_for) ends the file: it ends with no
+        # blank line when its body had no final LF, and is a boundary all the same.
+        index = self._index
+        listed = index is not None and index.describes(st.st_dev, st.st_ino)
+        if listed and index is not None and index.last and index.end == size:
+            return b""
+        tail = (b"\n\n" + os.pread(self._fd, 2, max(0, size - 2)))[-2:]
+        if tail == b"\n\n":
+            self._boundary = (st.st_dev, st.st_ino, size)
+            return b""
+        fixup = b"\n" if tail.endswith(b"\n") else b"\n\n"
+        offset, exact = self._damage_start(st)
+        log.warning(
+            "%s does not end where a record may begin: damaged region at offset %d, "
+            "length %d%s (a record another program left cut short?); kept as it is, "
+            "and %d byte(s) written so that the next record begins after a blank line",
+            self.path,
+            offset,
+            size - offset,
+            "" if exact else " at least",
+            len(fixup),
+        )
+        return fixup
+
+    def _damage_start(self, st: os.stat_result) -> tuple[int, bool]:
+        """Where the last whole record of the file ``st`` ends, as well as we can tell
+        (and whether that is exact): past the last record listed in the index, at the
+        start of the last record head that follows a blank line after it."""
+        index = self._index
+        known = 0
+        if index is not None and index.describes(st.st_dev, st.st_ino):
+            known = index.end  # checked by _index_for: our last record is there
+        elif (st.st_dev, st.st_ino) == (self._state.dev, self._state.ino):
+            known = min(self._state.size, st.st_size)
+        window = max(known, st.st_size - DAMAGE_WINDOW)
+        data = os.pread(self._fd, st.st_size - window, window)
+        found = data.rfind(RECORD_STARTS[self.format])
+        if found >= 0:
+            return window + found + 2, True
+        return window, window == known
 
     def _render_part(
         self, first: int, part: Sequence[Deliver], now: float
-    ) -> tuple[list[Iterable[bytes]], int]:
-        """The records of ``part`` (numbered from ``first``) and their total length.
+    ) -> tuple[list[Iterable[bytes]], list[int]]:
+        """The records of ``part`` (numbered from ``first``) and their lengths.
 
         A spooled message is rendered twice, once to measure it and once, lazily, to
         write it, so that it never has to sit in memory whole."""
         records: list[Iterable[bytes]] = []
-        length = 0
+        lengths: list[int] = []
         for number, deliver in enumerate(part, first):
             body = deliver.body
             if isinstance(body, bytes):
                 pieces = list(self._render(number, deliver, now))
-                length += sum(map(len, pieces))
+                lengths.append(sum(map(len, pieces)))
                 records.append(pieces)
             else:
-                length += sum(map(len, self._render(number, deliver, now)))
+                lengths.append(sum(map(len, self._render(number, deliver, now))))
                 body.seek(0)
                 records.append(self._render(number, deliver, now))
-        return records, length
+        return records, lengths
 
     def _roll_back(self, start: int, number: int, first: int) -> None:
         """Cut the file back to ``start`` and the numbers back to ``number``."""
@@ -390,6 +494,7 @@ class FileStore:
             self._fsync(self._fd)
         except OSError:
             log.critical("cannot cut %s back to %d bytes", self.path, start, exc_info=True)
+        self._cut_index(start)
         state = self._state
         state.number, state.first, state.size, state.pending = number, first, start, -1
         state.end = -1
@@ -405,6 +510,11 @@ class FileStore:
                 log.critical(
                     "cannot cut a part of a failed batch out of %s", self.path, exc_info=True
                 )
+        # The index of a file rotated away in the batch now lists records past its
+        # end, and readers see it as stale; the current file's is cut here.
+        starts = [start for fd, start in done if fd == self._fd]
+        if starts:
+            self._cut_index(starts[0])
         state = self._state
         if done[0][0] == self._fd:  # no rotation in between: as before the batch
             state.number, state.first, state.size = before.number, before.first, done[0][1]
@@ -436,6 +546,92 @@ class FileStore:
         except OSError:
             log.error("cannot update %s", self.state_path, exc_info=True)
 
+    # -- the offsets index (selsmtp.mailindex) -----------------------------------
+
+    def _open_index(self) -> None:
+        """Open the index and go on with it if it describes the mailbox file; else
+        begin it again. Without one (it cannot be opened), mail is stored all the
+        same, and readers parse the mailbox."""
+        try:
+            index = mailindex.IndexWriter(self.path, self._fsync)
+        except OSError as exc:
+            self._index_failed(mailindex.index_path(self.path), exc)
+            return
+        try:
+            if index.adopt(self.format, os.fstat(self._fd)) and not self._holds_last(index):
+                index.reset(self.format, index.dev, index.ino)  # the file was rewritten
+        except OSError as exc:
+            index.close()
+            self._index_failed(index.path, exc)
+            return
+        self._index = index
+
+    def _holds_last(self, index: mailindex.IndexWriter) -> bool:
+        """True if the last record ``index`` lists still begins where it says."""
+        if not index.last:
+            return True
+        head = os.pread(self._fd, HEAD_BYTES, index.last_offset)
+        found = self._number_pattern.search(head)
+        return (
+            found is not None
+            and b"\n" not in head[: found.start()]
+            and int(found.group(1)) == index.last
+        )
+
+    def _index_for(self, st: os.stat_result) -> mailindex.IndexWriter | None:
+        """The index, ready to list records appended at the end of the file ``st``:
+        begun again if it describes another file (new, or renamed away) or one
+        emptied or rewritten since its last entry. ``None`` if it cannot be written.
+
+        No system call when the file is the one our last commit left (a pread when
+        another program appended since)."""
+        index = self._index
+        if index is None:
+            return None
+        try:
+            if (
+                not index.describes(st.st_dev, st.st_ino)
+                or st.st_size < index.end
+                or (st.st_size != self._state.size and not self._holds_last(index))
+            ):
+                index.reset(self.format, st.st_dev, st.st_ino)
+        except OSError as exc:
+            self._index_failed(index.path, exc)
+            return None
+        return index
+
+    def _index_records(
+        self, index: mailindex.IndexWriter, start: int, lengths: list[int], first: int, sync: bool
+    ) -> None:
+        """List the records just committed at ``start`` (their ``lengths``, numbered
+        from ``first``) in one write. A failure costs readers the index, never mail."""
+        entries = []
+        for number, length in enumerate(lengths, first):
+            entries.append(mailindex.IndexEntry(start, length, number))
+            start += length
+        try:
+            index.append(entries)
+            if sync:  # the state line was made durable for this commit: the index too
+                index.sync()
+            self._index_broken = False
+        except OSError as exc:
+            self._index_failed(index.path, exc)
+
+    def _cut_index(self, length: int) -> None:
+        """Records past ``length`` were cut from the current file: cut their entries."""
+        index = self._index
+        if index is None:
+            return
+        try:
+            index.truncate_to(length)
+        except OSError as exc:
+            self._index_failed(index.path, exc)
+
+    def _index_failed(self, path: str, exc: OSError) -> None:
+        if not self._index_broken:  # once until it works again
+            log.error("cannot write %s (%s); readers parse %s instead", path, exc, self.path)
+        self._index_broken = True
+
     # -- rotation ----------------------------------------------------------------
 
     def _rotation_due(self) -> bool:
@@ -455,6 +651,12 @@ class FileStore:
         self._retired.append(self._fd)
         self._fd = fd
         log.info("rotated %s to %s", self.path, target)
+        if self._index is not None:
+            try:
+                self._index.rename(target)
+            except OSError as exc:
+                log.error("cannot move the index of %s along to %s: %s", self.path, target, exc)
+            self._index_for(os.fstat(fd))
         state.first, state.size, state.pending = -1, 0, -1
         try:
             st = os.fstat(fd)
@@ -587,6 +789,9 @@ class FileStore:
         """True if the mailbox at ``offset`` begins one of our records numbered at most
         ``last``, or a header cut short before its number or its end."""
         head = os.pread(self._fd, HEAD_BYTES, offset)
+        stripped = head.lstrip(b"\n")
+        if len(head) - len(stripped) <= 2:  # the fix-up before a record (_fixup)
+            head = stripped
         found = self._number_pattern.search(head)
         if found is None:
             return b"\n\n" not in head
@@ -627,9 +832,22 @@ class FileStore:
                 saved.pending,
                 self.path,
             )
+        elif 0 <= saved.end < st.st_size:
+            # More than the batch could have written: another program appended after
+            # it while we were down. Only bytes provably ours are cut (SPEC §7), so the
+            # tail stays, and the next record begins after a blank line (_fixup).
+            log.error(
+                "kept a torn tail of at most %d bytes at offset %d of %s: another "
+                "program appended %d bytes or more after it",
+                saved.end - saved.pending,
+                saved.pending,
+                self.path,
+                st.st_size - saved.end,
+            )
         else:
             os.ftruncate(self._fd, saved.pending)
             self._fsync(self._fd)
+            self._cut_index(saved.pending)
             log.warning(
                 "removed a torn tail of %d bytes from %s (an append cut short by a crash)",
                 st.st_size - saved.pending,

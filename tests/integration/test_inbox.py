@@ -310,7 +310,10 @@ def test_follow_through_rotation(
     assert tail.numbers(9) == list(range(1, 10))
     assert tail.finish() == (0, "")
     names = sorted(p.name for p in server.mailbox.parent.glob("mailbox.*-*"))
-    assert names == ["mailbox.1-2", "mailbox.3-4", "mailbox.5-6", "mailbox.7-8"]
+    rotated = ["mailbox.1-2", "mailbox.3-4", "mailbox.5-6", "mailbox.7-8"]
+    # each rotated file takes its offsets index along
+    indexes = [name + ".selsmtp-index" for name in [*rotated, "mailbox"]]
+    assert names == sorted(rotated + indexes)
     shown = inbox("show", server.mailbox, "4")
     assert shown.returncode == 0
     assert shown.stderr.endswith(

@@ -250,10 +250,13 @@ def test_foreign_bytes_with_no_batch_pending_are_kept(
 
     with caplog.at_level(logging.WARNING, logger="selsmtp.store"):
         second = open_store()
-    assert second.try_append([deliver()]) == [2]
+        assert not [r for r in caplog.records if r.name == "selsmtp.store"]  # not cut
+        assert second.try_append([deliver()]) == [2]
 
-    assert mailbox.read_bytes() == record(1) + foreign + record(2)
-    assert not [r for r in caplog.records if r.name == "selsmtp.store"]
+    # kept, and a LF puts record 2 after a blank line (SPEC §7; tests/unit/test_boundaries.py)
+    assert mailbox.read_bytes() == record(1) + foreign + b"\n" + record(2)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "selsmtp.store"]
+    assert f"offset {len(record(1))}, length {len(foreign)}" in warning
 
 
 def test_foreign_bytes_between_appends_are_kept(open_store: OpenStore, mailbox: Path) -> None:
@@ -264,7 +267,7 @@ def test_foreign_bytes_between_appends_are_kept(open_store: OpenStore, mailbox: 
 
     assert mailbox_store.try_append([deliver()]) == [2]
 
-    assert mailbox.read_bytes() == record(1) + b"foreign\n" + record(2)
+    assert mailbox.read_bytes() == record(1) + b"foreign\n\n" + record(2)
 
 
 # -- one fsync per batch, and what a reboot can leave behind -----------------------
@@ -633,7 +636,7 @@ def test_failure_while_writing_cuts_the_file_back(
     assert Snapshot(mailbox).mailbox == before.mailbox
     assert mailbox_store.last_number == 1
     assert mailbox_store.try_append([deliver()]) == [2]  # the failed batch used no number
-    assert mailbox.read_bytes() == record(1) + b"foreign\n" + record(2)
+    assert mailbox.read_bytes() == record(1) + b"foreign\n\n" + record(2)
 
 
 class FailingFsync:
