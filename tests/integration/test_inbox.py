@@ -203,10 +203,10 @@ def test_list_show_and_check(serve: Callable[..., Server], fmt: str) -> None:
     assert [s["sender"] for s in summaries] == senders
     assert [s["size"] for s in summaries] == [len(as_stored(body)) for body in BODIES]
     assert {s["format"] for s in summaries} == {fmt}
+    assert all(s["recipients"] == RECIPIENTS for s in summaries)
     if fmt == "cs4410":
-        assert all(s["recipients"] == RECIPIENTS and s["date"] is None for s in summaries)
+        assert all(s["date"] is None for s in summaries)
     else:
-        assert all(s["recipients"] is None for s in summaries)
         for s in summaries:
             assert int(started) <= datetime.fromisoformat(s["date"]).timestamp() <= time.time()
 
@@ -243,7 +243,7 @@ def test_check_names_what_is_wrong(serve: Callable[..., Server], tmp_path: Path)
     assert checked.returncode == 1
     assert checked.stdout.decode().splitlines() == [
         f"{copy}: offset {starts[2]}: torn-tail: the file ends inside a record "
-        f"({len(data) - starts[3] - 3} bytes cut short)",
+        f"({len(data) - starts[3] - 3} bytes)",
         f"{copy}: 1 problem in mbox, 2 messages, numbers 1-2",
     ]
     copy.write_bytes(data[: starts[2]] + data[starts[3] :])
@@ -309,7 +309,8 @@ def test_follow_through_rotation(
         server.send()  # several rotations between two looks
     assert tail.numbers(9) == list(range(1, 10))
     assert tail.finish() == (0, "")
-    names = sorted(p.name for p in server.mailbox.parent.glob("mailbox.*-*"))
+    # (each rotated file may have its offsets index beside it: PATH.A-B.selsmtp-index)
+    names = sorted(p.name for p in server.mailbox.parent.glob("mailbox.*-*[0-9]"))
     assert names == ["mailbox.1-2", "mailbox.3-4", "mailbox.5-6", "mailbox.7-8"]
     shown = inbox("show", server.mailbox, "4")
     assert shown.returncode == 0
