@@ -207,7 +207,8 @@ def parse_file(
     entries = _usable(data, end, grammar, index, base)
     if entries is None:
         if fmt == "cs4410" and data and base == 0:
-            why = "no usable offsets index: a body that holds a record head is read as a record"
+            why = "no usable offsets index" if index is None else "the offsets index does not match"
+            why += ": the file is parsed, and a body that holds a record head is read as a record"
             found.warnings.append(Problem(ProblemKind.NO_INDEX, 0, 0, why))
         entries = []
     position = 0

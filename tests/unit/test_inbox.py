@@ -153,8 +153,8 @@ def test_list_show_and_check_a_file(
     kind = "cs4410 mailbox" if fmt == "cs4410" else "mbox"
     # written by hand, so without the store's offsets index: a cs4410 file is parsed
     warning = (
-        f"{path}: offset 0: warning: no-index: no usable offsets index: a body that "
-        "holds a record head is read as a record\n"
+        f"{path}: offset 0: warning: no-index: no usable offsets index: the file is "
+        "parsed, and a body that holds a record head is read as a record\n"
     )
     assert (
         out

@@ -208,3 +208,50 @@ def test_an_8bit_sender_reads_back_from_every_format(tmp_path: Path) -> None:
             store.close()
         [message] = read_mailbox(tmp_path / fmt)
         assert (message.sender, message.recipients) == (BCC.reverse_path, BCC.forward_paths)
+
+
+# -- the offsets index -----------------------------------------------------------
+
+
+def test_records_another_program_appended_between_indexed_ones_are_listed(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "mailbox"
+    foreign = b"".join(formats.cs4410_record(99, BCC, b"from elsewhere\r\n", "other.host"))
+    for number in (1, 2):
+        store = open_store("cs4410", path)
+        try:
+            store.try_append([Deliver(BCC, f"Subject: m{number}\r\n\r\nbody\r\n".encode())])
+        finally:
+            store.close()
+        if number == 1:
+            with open(path, "ab") as other:
+                other.write(foreign)
+
+    box = read_mailbox(path)
+
+    assert [(m.number, m.server_name) for m in box] == [(1, NAME), (99, "other.host"), (2, NAME)]
+    assert [p.kind.value for p in box.problems] == ["out-of-order"]  # 2 after 99: no damage
+    assert box.warnings == ()
+
+
+def test_an_index_that_does_not_match_the_file_is_not_trusted(tmp_path: Path) -> None:
+    path = tmp_path / "mailbox"
+    body = (
+        b"hi\r\n\r\nReceived: from x by mx.test (CS4410MP3)\r\nNumber: 2\r\n"
+        b"From: a@b\r\nTo: c@d\r\n\r\nforged\r\n"
+    )
+    store = open_store("cs4410", path)
+    try:
+        store.try_append([Deliver(BCC, body), Deliver(BCC, b"two\r\n")])
+    finally:
+        store.close()
+    assert [m.number for m in read_mailbox(path)] == [1, 2]
+    index = Path(f"{path}.selsmtp-index")
+    index.write_bytes(index.read_bytes().replace(b" 2\n", b" 7\n"))
+
+    box = read_mailbox(path)
+
+    assert [w.kind.value for w in box.warnings] == ["no-index"]
+    assert "does not match" in box.warnings[0].detail
+    assert [m.number for m in box] == [1, 2, 2]  # parsed: the look-alike is read as a record
