@@ -113,6 +113,21 @@ def look_alikes(data: bytes, start: int, end: int) -> list[int]:
     return [pos for pos in starts(data, body, end) if pos > body]
 
 
+#: Each line of a head, without its LF (the last one repeats: one per recipient).
+_HEAD_LINES: Final = (
+    (HEAD_START, re.compile(_FIRST_LINE[:-2])),
+    (b"Number: ", re.compile(_NUMBER_LINE[:-2])),
+    (b"From: ", re.compile(rb"From: [^\s]+")),
+    (b"To: ", re.compile(rb"To: [^\s]+")),
+)
+
+
 def torn_head(tail: bytes) -> bool:
-    """True if ``tail`` (the end of a file) can be the first bytes of a record head."""
-    return tail.startswith(HEAD_START) or HEAD_START.startswith(tail)
+    """True if ``tail`` (the end of a file) can be the first bytes of a record head:
+    each whole line is the right head line, and the last one starts like one."""
+    *whole, last = tail.split(b"\n")
+    for index, line in enumerate(whole):
+        if not _HEAD_LINES[min(index, 3)][1].fullmatch(line):
+            return False
+    start = _HEAD_LINES[min(len(whole), 3)][0]
+    return last.startswith(start) or start.startswith(last)
