@@ -35,10 +35,10 @@ the body's length as stored (LF line ends, dots unstuffed).
 
 With ``--mailbox PATH`` the mailbox is read afterwards under a shared lock and checked
 (``--format`` cs4410, mbox or maildir): every acknowledged message must be there
-exactly once, with the number its ``250`` gave, its sender, recipients (cs4410 only:
-the other formats do not record them) and HELO name, and a body whose length and
-checksum match; messages refused with an error reply must not be there. The mailbox
-itself is checked by :func:`selsmtp.reader.load`, the code behind
+exactly once, with the number its ``250`` gave, its sender, recipients and HELO
+name, and a body whose length and checksum match; messages refused with an error
+reply must not be there. The mailbox
+itself is checked by :func:`selsmtp.read_mailbox`, the code behind
 ``python -m selsmtp.inbox check``, with gaps reported as its ``--strict`` does: whole
 records, numbers unique and increasing with no gap, no torn tail. ``--save FILE``
 keeps what is needed to run the check again later with ``--verify-only FILE``.
@@ -1057,8 +1057,8 @@ class Verification:
     problems: list[str] = dataclasses.field(default_factory=list)
 
 
-def verify(saved: dict[str, Any], parsed: reader.Parsed) -> Verification:
-    """Check a mailbox, as read by :func:`selsmtp.reader.load`, against a run's messages.
+def verify(saved: dict[str, Any], parsed: reader.Mailbox) -> Verification:
+    """Check a mailbox, as read by :func:`selsmtp.read_mailbox`, against a run's messages.
 
     ``saved`` is what ``--save`` writes: ``run_id``, ``acked`` (one list per
     acknowledged message: token, HELO name, sender, recipients, body size, body
@@ -1072,9 +1072,9 @@ def verify(saved: dict[str, Any], parsed: reader.Parsed) -> Verification:
     marker = f"flood {run_id}.".encode()
     by_token: dict[str, list[reader.Message]] = {}
     for message in parsed.messages:
-        head = FLOOD_HEAD.match(message.content)
+        head = FLOOD_HEAD.match(message.raw)
         if head is None or not head[1].decode("ascii", "replace").startswith(run_id + "."):
-            if marker in message.content[:1024]:
+            if marker in message.raw[:1024]:
                 result.problems.append(
                     f"corrupt: {_record_at(message)}: its flood header lines are damaged"
                 )
@@ -1139,10 +1139,9 @@ def _compare(
         wrong.append(f"HELO name {message.helo_name!r}, not {helo!r}")
     if message.sender != sender:
         wrong.append(f"sender {message.sender!r}, not {sender!r}")
-    # mbox and Maildir do not record the envelope's recipients
     if message.recipients is not None and list(message.recipients) != recipients:
         wrong.append(f"recipients {list(message.recipients)}, not {recipients}")
-    body = message.content
+    body = message.raw
     if len(body) != size:
         wrong.append(f"body of {len(body)} bytes, not {size}")
     head = FLOOD_HEAD.match(body)
@@ -1170,13 +1169,15 @@ def verify_mailbox(
     ``python -m selsmtp.inbox check`` does but with gaps reported, and :func:`verify`
     the run's messages in it."""
     try:
-        loaded = reader.load(path, fmt, allow_gaps=False, allow_foreign=True, lock_timeout=timeout)
+        box = reader.read_mailbox(
+            path, fmt, allow_gaps=False, allow_foreign=True, lock_timeout=timeout
+        )
     except (OSError, TimeoutError, reader.NotAMailbox) as exc:
         result = Verification()
         result.checked = len(saved["acked"])
         result.problems.append(f"mailbox: cannot read {path}: {exc}")
         return result
-    return verify(saved, loaded.parsed)
+    return verify(saved, box)
 
 
 # -- reporting -----------------------------------------------------------------

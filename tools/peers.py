@@ -29,7 +29,14 @@ import socket
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+# Run as a script, by any Python: selsmtp's record format comes from the repository.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from selsmtp.formats import crlf_to_lf, cs4410
+from selsmtp.session import Envelope
 
 
 class Mailbox:
@@ -45,15 +52,8 @@ class Mailbox:
         """Store one message (``body`` with CRLF or LF line ends, the last line's
         included); its number."""
         self.number += 1
-        head = [
-            f"Received: from {helo} by {self.name} (CS4410MP3)\n",
-            f"Number: {self.number}\n",
-            f"From: {sender or '<>'}\n",
-        ]
-        head.extend(f"To: {recipient}\n" for recipient in recipients)
-        head.append("\n")
-        body = body.replace(b"\r\n", b"\n")
-        record = "".join(head).encode("utf-8", "surrogateescape") + body + b"\n"
+        envelope = Envelope(helo, sender, tuple(recipients))
+        record = cs4410.head(self.number, envelope, self.name) + crlf_to_lf(body) + b"\n"
         view = memoryview(record)
         while view:
             view = view[os.write(self.fd, view) :]

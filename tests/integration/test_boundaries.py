@@ -170,16 +170,7 @@ def test_the_message_after_a_torn_record_another_writer_left_begins_after_a_blan
     [
         ("mbox", TORN["mbox"]),
         ("cs4410", TORN_EARLY),
-        pytest.param(
-            "cs4410",
-            TORN["cs4410"],
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the LFs make the torn header whole, and today's parser reads the "
-                "record after it as its body; readers that use the index find it (issue 9, "
-                "branch read-side)",
-            ),
-        ),
+        ("cs4410", TORN["cs4410"]),
     ],
     ids=["mbox", "cs4410-cut-in-its-header", "cs4410-cut-in-its-last-header-line"],
 )
@@ -204,21 +195,20 @@ def test_inbox_finds_the_message_after_a_torn_record_another_writer_left(
     assert (shown.returncode, shown.stdout) == (0, "Subject: mine\n\nfound\n")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check's report of damage is the read side's part of issue 9 (branch read-side)",
-)
 def test_check_reports_the_torn_record_another_writer_left(
     processes: list[SelsmtpProcess], mailbox: Path
 ) -> None:
     server = start(processes, mailbox)
     send(server, b"1\r\n")
+    damaged = mailbox.stat().st_size
     append_foreign(mailbox, TORN["cs4410"])
     send(server, b"2\r\n")
     stop(server)
 
     checked = inbox("check", mailbox)
     assert checked.returncode == 1, checked.stdout
+    assert f"offset {damaged}: torn-record" in checked.stdout
+    assert checked.stdout.endswith("1 problem in cs4410 mailbox, 2 messages, numbers 1-2\n")
 
 
 @pytest.mark.parametrize("fmt", ["cs4410", "mbox"])

@@ -232,7 +232,7 @@ def test_non_loopback_hosts_are_refused() -> None:
 @pytest.fixture(scope="module")
 def saved_run(
     flood_server: SelsmtpProcess, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, bytes, list[reader.Record], dict[str, Any]]:
+) -> tuple[Path, bytes, list[reader.Message], dict[str, Any]]:
     """A clean run saved with --save, and the mailbox bytes it was checked against."""
     folder = tmp_path_factory.mktemp("planted")
     results = folder / "run.json"
@@ -240,17 +240,24 @@ def saved_run(
         flood_server, "--clients", "3", "--messages", "4", "--save", results
     )
     assert_clean(status, report, 12)
-    data = reader.read_mailbox(flood_server.mailbox, timeout=10)
+    box = reader.read_mailbox(flood_server.mailbox, lock_timeout=10)
+    assert box.data is not None
+    data = box.data
     saved = json.loads(results.read_text())
     ours = {entry[0] for entry in saved["acked"]}
-    records = [r for r in reader.parse(data).records if _token(r) in ours]
+    records = [r for r in box if _token(r) in ours]
     assert len(records) == 12
     return results, data, records, saved
 
 
-def _token(record: reader.Record) -> str | None:
-    first = record.body.split(b"\n", 1)[0]
+def _token(record: reader.Message) -> str | None:
+    first = record.raw.split(b"\n", 1)[0]
     return first.removeprefix(b"Subject: flood ").decode() if first.startswith(b"Subject") else None
+
+
+def body_offset(record: reader.Message) -> int:
+    """Where a cs4410 record's body starts: it ends one LF before the record does."""
+    return record.end - 1 - len(record.raw)
 
 
 def verify_only(results: Path, mailbox: bytes, tmp_path: Path) -> tuple[int, dict[str, Any]]:
@@ -295,7 +302,7 @@ def test_a_duplicated_record_is_named(saved_run: Any, tmp_path: Path) -> None:
 def test_a_corrupt_body_is_named(saved_run: Any, tmp_path: Path) -> None:
     results, data, records, _ = saved_run
     victim = records[7]
-    where = victim.body_offset + len(victim.body) // 2
+    where = body_offset(victim) + len(victim.raw) // 2
     flipped = data[:where] + bytes([data[where] ^ 0x01]) + data[where + 1 :]
     status, report = verify_only(results, flipped, tmp_path)
     assert status == 1
@@ -307,10 +314,10 @@ def test_a_corrupt_body_is_named(saved_run: Any, tmp_path: Path) -> None:
 def test_a_wrong_envelope_is_named(saved_run: Any, tmp_path: Path) -> None:
     results, data, records, _ = saved_run
     victim = records[1]
-    header = data[victim.offset : victim.body_offset]
+    header = data[victim.offset : body_offset(victim)]
     changed = header.replace(b"\nTo: r0.", b"\nTo: x0.", 1)
     assert changed != header
-    copy = data[: victim.offset] + changed + data[victim.body_offset :]
+    copy = data[: victim.offset] + changed + data[body_offset(victim) :]
     status, report = verify_only(results, copy, tmp_path)
     assert status == 1
     (problem,) = report["problems"]

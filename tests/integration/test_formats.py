@@ -58,6 +58,7 @@ TRACE = re.compile(
     rb"Received: from (?P<helo>\S+) by (?P<name>\S+) \(CS4410MP3\);\n"
     rb"\t(?P<date>[^\n]+)\n"
     rb"X-Selsmtp-Number: (?P<number>\d+)\n"
+    rb"(?P<recipients>(?:X-Original-To: [^\n]*\n)+)"
 )
 ROTATED = re.compile(r"mailbox\.(\d+)-(\d+)")
 

@@ -203,10 +203,10 @@ def test_list_show_and_check(serve: Callable[..., Server], fmt: str) -> None:
     assert [s["sender"] for s in summaries] == senders
     assert [s["size"] for s in summaries] == [len(as_stored(body)) for body in BODIES]
     assert {s["format"] for s in summaries} == {fmt}
+    assert all(s["recipients"] == RECIPIENTS for s in summaries)
     if fmt == "cs4410":
-        assert all(s["recipients"] == RECIPIENTS and s["date"] is None for s in summaries)
+        assert all(s["date"] is None for s in summaries)
     else:
-        assert all(s["recipients"] is None for s in summaries)
         for s in summaries:
             assert int(started) <= datetime.fromisoformat(s["date"]).timestamp() <= time.time()
 
@@ -243,7 +243,7 @@ def test_check_names_what_is_wrong(serve: Callable[..., Server], tmp_path: Path)
     assert checked.returncode == 1
     assert checked.stdout.decode().splitlines() == [
         f"{copy}: offset {starts[2]}: torn-tail: the file ends inside a record "
-        f"({len(data) - starts[3] - 3} bytes cut short)",
+        f"({len(data) - starts[3] - 3} bytes)",
         f"{copy}: 1 problem in mbox, 2 messages, numbers 1-2",
     ]
     copy.write_bytes(data[: starts[2]] + data[starts[3] :])

@@ -39,11 +39,11 @@ LOCKED_READER = textwrap.dedent(
     reads, problems = 0, []
     while not select.select([sys.stdin], [], [], 0.02)[0]:
         try:
-            data = reader.read_mailbox(path, timeout=10)
+            box = reader.read_mailbox(path, lock_timeout=10)
         except FileNotFoundError:
             continue
         reads += 1
-        problems += [f"read {reads} ({len(data)} bytes): {p}" for p in reader.check(data)]
+        problems += [f"read {reads} ({len(box.data)} bytes): {p}" for p in box.problems]
     print(json.dumps({"reads": reads, "problems": problems[:20]}))
     """
 )
@@ -77,7 +77,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
     running = Server(tmp_path / "mailbox", "--timeout", "3")
     yield running
     running.stop()
-    assert reader.check(reader.read_mailbox(running.mailbox, timeout=10)) == []
+    assert reader.read_mailbox(running.mailbox, lock_timeout=10).problems == ()
 
 
 def flood(server: Server, *args: str) -> dict[str, Any]:

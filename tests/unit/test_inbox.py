@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from selsmtp import formats, inbox, reader
+from selsmtp import follow, formats, inbox, reader
 from selsmtp.durable import State
 from selsmtp.session import Envelope
 
@@ -70,7 +70,7 @@ def message(**fields: object) -> reader.Message:
         "helo_name": "h",
         "server_name": NAME,
         "date": datetime(2023, 11, 14, 22, 13, 20, tzinfo=timezone.utc),
-        "content": b"Subject: s\n\nx\n",
+        "raw": b"Subject: s\n\nx\n",
     }
     values.update(fields)
     return reader.Message(**values)  # type: ignore[arg-type]
@@ -81,7 +81,7 @@ def test_a_summary_line_has_six_tab_separated_columns() -> None:
     assert line == "7\t2023-11-14 22:13:20\ta@b\t-\t14\ts"
     cs = message(format="cs4410", date=None, sender="", recipients=("x@y", "z@w"))
     assert inbox.summary_line(cs) == "7\t-\t<>\tx@y,z@w\t14\ts"
-    foreign = message(number=None, sender=None, content=b"no header\n")
+    foreign = message(number=None, sender=None, raw=b"no header\n")
     assert inbox.summary_line(foreign).split("\t") == [
         "-",
         "2023-11-14 22:13:20",
@@ -95,7 +95,7 @@ def test_a_summary_line_has_six_tab_separated_columns() -> None:
 
 
 def test_what_a_terminal_would_act_on_is_escaped() -> None:
-    evil = message(content=b"Subject: a\tb \x1b[31mred\x1b[0m \xe2\x80\xae rtl caf\xc3\xa9\n\n")
+    evil = message(raw=b"Subject: a\tb \x1b[31mred\x1b[0m \xe2\x80\xae rtl caf\xc3\xa9\n\n")
     line = inbox.summary_line(evil)
     assert line.split("\t")[-1] == "a\\tb \\x1b[31mred\\x1b[0m \\u202e rtl café"
     assert "\x1b" not in line and line.count("\t") == 5
@@ -117,7 +117,7 @@ def test_a_json_summary() -> None:
 
 
 def test_number_set() -> None:
-    numbers = inbox.NumberSet()
+    numbers = follow.NumberSet()
     for n in [5, 3, 4, 10, 1, 2, 9, 7, 7, 100]:
         numbers.add(n)
     assert [n for n in range(0, 102) if n in numbers] == [1, 2, 3, 4, 5, 7, 9, 10, 100]
@@ -144,16 +144,22 @@ def test_list_show_and_check_a_file(
     assert [line[5] for line in lines] == ["message 1", "message 2", "message 3"]
     assert {line[4] for line in lines} == {str(len(b"Subject: message 1\n\nFrom here\nbody 1\n"))}
     assert lines[0][2] == "alice@example.com"
-    if fmt == "cs4410":
-        assert (lines[0][1], lines[0][3]) == ("-", "bob@example.com,carol@example.com")
-    else:
-        assert (lines[0][1], lines[0][3]) == ("2023-11-14 22:13:20", "-")
+    date = "-" if fmt == "cs4410" else "2023-11-14 22:13:20"
+    assert (lines[0][1], lines[0][3]) == (date, "bob@example.com,carol@example.com")
     status, out, _ = run(capsys, "list", "--json", path)
     assert [json.loads(line)["number"] for line in out.splitlines()] == [1, 2, 3]
     status, out, err = run(capsys, "check", path)
     assert (status, err) == (0, "")
     kind = "cs4410 mailbox" if fmt == "cs4410" else "mbox"
-    assert out == f"{path}: ok: {kind}, 3 messages, numbers 1-3\n"
+    # written by hand, so without the store's offsets index: a cs4410 file is parsed
+    warning = (
+        f"{path}: offset 0: warning: no-index: no usable offsets index: the file is "
+        "parsed, and a body that holds a record head is read as a record\n"
+    )
+    assert (
+        out
+        == (warning if fmt == "cs4410" else "") + f"{path}: ok: {kind}, 3 messages, numbers 1-3\n"
+    )
 
 
 @pytest.mark.parametrize("fmt", ["cs4410", "mbox"])
@@ -206,11 +212,11 @@ def test_check_reports_problems_precisely(
     path.write_bytes(one + two + two + four + cs4410(5)[:30])
     status, out, err = run(capsys, "check", path)
     assert (status, err) == (1, "")
-    assert out.splitlines() == [
+    assert out.splitlines()[1:] == [
         f"{path}: offset {len(one + two)}: duplicate: record number 2 again "
-        f"(first at offset {len(one)})",
+        f"(first at offset {len(one)}) ({len(two)} bytes)",
         f"{path}: offset {len(one + two + two + four)}: torn-tail: the file ends inside a record "
-        "(30 bytes cut short)",
+        "(30 bytes)",
         f"{path}: 2 problems in cs4410 mailbox, 4 messages, numbers 1-4",
     ]
     status, out, _ = run(capsys, "check", "--strict", path)
@@ -300,8 +306,8 @@ def test_maildir_list_show_check(tmp_path: Path, capsys: pytest.CaptureFixture[s
     status, out, _ = run(capsys, "list", tmp_path)
     assert status == 0
     assert [line.split("\t")[:4] for line in out.splitlines()] == [
-        ["1", "2023-11-14 22:13:20", "alice@example.com", "-"],
-        ["2", "2023-11-14 22:13:20", "alice@example.com", "-"],
+        ["1", "2023-11-14 22:13:20", "alice@example.com", "bob@example.com,carol@example.com"],
+        ["2", "2023-11-14 22:13:20", "alice@example.com", "bob@example.com,carol@example.com"],
     ]
     assert run(capsys, "show", tmp_path, "1")[1] == "Subject: message 1\n\nFrom here\nbody 1\n"
     assert run(capsys, "check", tmp_path)[:2] == (
@@ -322,7 +328,7 @@ class Box:
         self.warnings: list[str] = []
         if not path.exists():
             path.write_bytes(b"")
-        self.follower = inbox.FileFollower(str(path), None, self.warnings.append)
+        self.follower = follow.FileFollower(str(path), None, self.warnings.append)
         self.first = [m.number for m in self.follower.start(from_start=from_start)]
 
     def append(self, *numbers: int) -> None:
@@ -480,7 +486,7 @@ def test_follow_does_not_wait_long_for_a_busy_lock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """lockf locks belong to the process, so the writer holding it is a child."""
-    monkeypatch.setattr(inbox, "FOLLOW_LOCK_WAIT", 0.05)
+    monkeypatch.setattr(follow, "FOLLOW_LOCK_WAIT", 0.05)
     box = Box(tmp_path / "box", "cs4410")
     context = multiprocessing.get_context("spawn")
     locked, release = context.Event(), context.Event()
@@ -511,7 +517,7 @@ def test_follow_a_maildir(tmp_path: Path) -> None:
         os.rename(tmp_path / "tmp" / name, tmp_path / "new" / name)
 
     deliver(1, "1.A.host")
-    follower = inbox.MaildirFollower(str(tmp_path), lambda text: None)
+    follower = follow.MaildirFollower(str(tmp_path), lambda text: None)
     assert follower.start(from_start=False) == []
     assert follower.poll() == []
     deliver(3, "3.C.host")
@@ -523,7 +529,7 @@ def test_follow_a_maildir(tmp_path: Path) -> None:
     assert [m.number for m in follower.poll()] == [4]
     os.unlink(tmp_path / "cur" / "2.B.host:2,S")
     assert follower.poll() == []
-    again = inbox.MaildirFollower(str(tmp_path), lambda text: None)
+    again = follow.MaildirFollower(str(tmp_path), lambda text: None)
     assert [m.number for m in again.start(from_start=True)] == [1, 3, 4]
 
 

@@ -106,6 +106,7 @@ def test_a_record_is_from_line_trace_header_message_and_a_blank_line() -> None:
         b"Received: from client.test by mx.test (CS4410MP3);\n"
         b"\tTue, 14 Nov 2023 22:13:20 +0000\n"
         b"X-Selsmtp-Number: 7\n"
+        b"X-Original-To: bob@example.net\n"
         b"Subject: hi\n"
         b"\n"
         b"Hello.\n"
@@ -159,7 +160,7 @@ def test_mboxrd_quotes_every_line_matching_gt_star_from_space(body: bytes, store
 
 
 def test_a_message_without_a_final_line_end_gets_one_before_the_blank_line() -> None:
-    assert record(1, b"abc").endswith(b"X-Selsmtp-Number: 1\nabc\n\n")
+    assert record(1, b"abc").endswith(b"X-Original-To: bob@example.net\nabc\n\n")
 
 
 def test_an_empty_message_is_the_trace_header_and_the_blank_line() -> None:
