@@ -12,7 +12,7 @@ import selsmtp
 
 PACKAGE = Path(selsmtp.__file__).parent
 
-PURE_MODULES = ["session", "framing", "syntax", "replies", "formats", "config", "frozen"]
+PURE_MODULES = ["session", "framing", "syntax", "replies", "formats", "config", "frozen", "auth"]
 
 FORBIDDEN = {"socket", "selectors", "os", "fcntl", "time", "select", "signal", "threading"}
 
