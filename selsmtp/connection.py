@@ -7,6 +7,14 @@ watch is computed from its state (waitress's ``writable()`` idea), once, at the 
 of a loop turn in which it changed: READ unless the session is paused, the client has
 stopped reading its replies (output over the high-water mark) or the connection is
 closing; WRITE only while output is waiting.
+
+With TLS (STARTTLS, or the implicit-TLS port) a :class:`~selsmtp.transport.TLSTransport`
+sits between the socket and the session: bytes read go through it before the session
+sees them, replies go through it before they reach the output buffer, and ``out``
+then holds ciphertext. The 220 to STARTTLS is the last plaintext sent; everything the
+session buffered behind it is discarded by the session. On the implicit-TLS port the
+greeting waits for the handshake. A handshake that fails closes the connection with a
+log line; one that stalls is closed by the line deadline, which it counts against.
 """
 
 from __future__ import annotations
@@ -18,13 +26,14 @@ import socket
 from collections.abc import Iterable
 
 from selsmtp.replies import Reply
-from selsmtp.session import Action, Deliver, Session
+from selsmtp.session import Action, Deliver, Session, StartTLS
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
     from typing import Final
 
     from selsmtp.server import Server
+    from selsmtp.transport import TLSTransport
 
 log = logging.getLogger("selsmtp.connection")
 
@@ -43,6 +52,7 @@ class Connection:
     """One client. Created by the server on accept; lives until :meth:`close`."""
 
     __slots__ = (
+        "_greet",
         "_progress_seen",
         "_server",
         "closing",
@@ -55,10 +65,17 @@ class Connection:
         "peer",
         "session",
         "sock",
+        "tls",
     )
 
     def __init__(
-        self, server: Server, sock: socket.socket, peer: str, session: Session, now: float
+        self,
+        server: Server,
+        sock: socket.socket,
+        peer: str,
+        session: Session,
+        now: float,
+        tls: TLSTransport | None = None,
     ) -> None:
         self._server = server
         self.sock: socket.socket | None = sock
@@ -72,6 +89,9 @@ class Connection:
         self.in_heap = False  # owned by the server's deadline heap
         self.messages = 0
         self._progress_seen = 0
+        #: between the socket and the session once TLS begins (None: plaintext)
+        self.tls = tls
+        self._greet = tls is not None  # implicit TLS: greet once the handshake is done
 
     def __lt__(self, other: Connection) -> bool:
         # Why: deadline heap entries are (deadline, connection); equal deadlines fall
@@ -83,7 +103,10 @@ class Connection:
         return self.sock is None
 
     def start(self, now: float) -> None:
-        self.apply(self.session.start(), now)
+        if self._greet:
+            self._update()  # implicit TLS: read the ClientHello first
+        else:
+            self.apply(self.session.start(), now)
 
     def on_ready(self, mask: int, now: float) -> None:
         """The selector says the socket is readable and/or writable."""
@@ -102,20 +125,63 @@ class Connection:
                 return
             if not size:
                 self.eof = True
-            self.apply(self.session.receive(view[:size].tobytes()), now)
+            if self.tls is None:
+                self.apply(self.session.receive(view[:size].tobytes()), now)
+            else:
+                self._receive_tls(self.tls, view[:size].tobytes(), now)
+
+    def _receive_tls(self, tls: TLSTransport, data: bytes, now: float) -> None:
+        """Ciphertext from the client: the handshake, then plaintext for the session."""
+        tls.feed(data)
+        try:
+            if not tls.established:
+                done = tls.handshake()
+                self.out += tls.pending()
+                if not done:
+                    if not data:
+                        self.close("closed during the TLS handshake")
+                    else:
+                        self._send()
+                    return
+                version, cipher = tls.describe()
+                log.debug("%s: %s with cipher %s", self.peer, version, cipher)
+                actions = self.session.tls_started(version, cipher)
+                if self._greet:
+                    self._greet = False
+                    actions += self.session.start()
+                self.apply(actions, now)
+                if self.sock is None:
+                    return
+            plaintext, ended = tls.read()
+        except OSError as exc:  # ssl.SSLError is one
+            self.close(f"TLS failed: {getattr(exc, 'reason', None) or exc}")
+            return
+        if plaintext:
+            self.apply(self.session.receive(plaintext), now)
+        if ended and self.sock is not None:
+            self.eof = True
+            self.apply(self.session.receive(b""), now)
 
     def apply(self, actions: Iterable[Action], now: float) -> None:
         """Carry out the session's actions, then send what the kernel takes."""
         if self.sock is None:
             return
-        out = self.out
+        tls = self.tls
+        out = self.out if tls is None else bytearray()  # plaintext, encrypted below
         for action in actions:
             if type(action) is Reply:
                 out += action.wire
             elif type(action) is Deliver:
                 self._server.enqueue(self, action, now)
+            elif type(action) is StartTLS:
+                # The replies so far (the 220) are the last plaintext; then the handshake.
+                tls = self.tls = self._server.new_tls()
+                out = bytearray()
             else:
                 self.closing = True
+        if tls is not None and not self._encrypt(tls, out):
+            return
+        out = self.out
         session = self.session
         if session.paused:
             self.deadline = NEVER  # the store, not the client, is what we wait for
@@ -128,8 +194,30 @@ class Connection:
         else:
             self._update()
 
+    def _encrypt(self, tls: TLSTransport, plaintext: bytearray) -> bool:
+        """Replies through TLS into ``out``; False if that failed and closed us.
+
+        Before the handshake is done nothing can be sent: a reply then (the 421 of a
+        shutdown) is dropped, and the connection just closes.
+        """
+        if not tls.established:
+            return True
+        try:
+            if plaintext:
+                tls.write(plaintext)
+            if self.closing:
+                tls.close_notify()
+        except OSError as exc:
+            self.close(f"TLS failed: {getattr(exc, 'reason', None) or exc}")
+            return False
+        self.out += tls.pending()
+        return True
+
     def timed_out(self, now: float) -> None:
         """The line deadline passed: 421, one try to send it, and close."""
+        if self.tls is not None and not self.tls.established:
+            self.close("TLS handshake timed out")
+            return
         self.apply(self.session.timed_out(), now)
         if self.sock is not None:
             self.close("timeout")

@@ -64,9 +64,11 @@ from selsmtp.store import StoreError, open_store
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
+    import ssl
     from typing import BinaryIO, Final
 
     from selsmtp.durable import Store
+    from selsmtp.transport import TLSTransport
 
 log = logging.getLogger("selsmtp.server")
 
@@ -164,19 +166,34 @@ class Server:
         self._clock = clock
         self._named = replies.named_replies(config.name, config.max_message_size)
         self._selector = selector or selectors.DefaultSelector()
+        self._tls_context: ssl.SSLContext | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            from selsmtp.credfiles import tls_context  # Why here: it imports ssl (slow)
+
+            self._tls_context = tls_context(config.tls_cert, config.tls_key)
         self._listener: socket.socket | None = open_listener(config.host, config.port)
         self.address = format_address(self._listener.getsockname())
+        #: the implicit-TLS listener (--tls-port), and the address it listens on
+        self._tls_listener: socket.socket | None = None
+        self.tls_address: str | None = None
         try:
+            if config.tls_port is not None:
+                self._tls_listener = open_listener(config.host, config.tls_port)
+                self.tls_address = format_address(self._tls_listener.getsockname())
             if store is None:
                 store = open_store(config)
         except BaseException:
             self._listener.close()
+            if self._tls_listener is not None:
+                self._tls_listener.close()
             raise
         self.store = store
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ, self._on_listener)
+        if self._tls_listener is not None:
+            self._selector.register(self._tls_listener, selectors.EVENT_READ, self._on_tls_listener)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self.connections: set[Connection] = set()
         #: connections whose selector interest may have changed in this turn
@@ -358,19 +375,27 @@ class Server:
         self.store.close()
 
     def _close_listener(self) -> None:
-        if self._listener is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._selector.unregister(self._listener)
-            self._listener.close()
-            self._listener = None
+        for listener in (self._listener, self._tls_listener):
+            if listener is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._selector.unregister(listener)
+                listener.close()
+        self._listener = self._tls_listener = None
 
     # -- accepting ---------------------------------------------------------------
 
     def _on_listener(self, mask: int, now: float) -> None:
         assert self._listener is not None
+        self._accept(self._listener, False, now)
+
+    def _on_tls_listener(self, mask: int, now: float) -> None:
+        assert self._tls_listener is not None
+        self._accept(self._tls_listener, True, now)
+
+    def _accept(self, listener: socket.socket, implicit_tls: bool, now: float) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, address = self._listener.accept()
+                sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -384,13 +409,15 @@ class Server:
                 self._refuse_connection(peer, now)
                 with contextlib.suppress(OSError):
                     sock.setblocking(False)
-                    sock.send(self._named.too_many_connections.wire)
+                    if not implicit_tls:  # Why: plaintext would only confuse a TLS client
+                        sock.send(self._named.too_many_connections.wire)
                 sock.close()
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             session = Session(self.config, new_spool=new_spool_file)
-            conn = Connection(self, sock, peer, session, now)
+            tls = self.new_tls() if implicit_tls else None
+            conn = Connection(self, sock, peer, session, now, tls)
             self.connections.add(conn)
             log.debug("connection from %s", peer)
             conn.start(now)
@@ -416,12 +443,16 @@ class Server:
         if self._accept_paused_until is None and self._listener is not None:
             log.warning("accept failed (%s); not accepting until a connection closes", exc.strerror)
             self._selector.unregister(self._listener)
+            if self._tls_listener is not None:
+                self._selector.unregister(self._tls_listener)
         self._accept_paused_until = now + ACCEPT_PAUSE
 
     def _resume_accepting(self) -> None:
         self._accept_paused_until = None
         if self._listener is not None:
             self._selector.register(self._listener, selectors.EVENT_READ, self._on_listener)
+        if self._tls_listener is not None:
+            self._selector.register(self._tls_listener, selectors.EVENT_READ, self._on_tls_listener)
 
     # -- services for connections ------------------------------------------------
 
@@ -445,6 +476,13 @@ class Server:
             self._dead_deadlines += 1  # see _maintain
         if self._accept_paused_until is not None:
             self._resume_accepting()
+
+    def new_tls(self) -> TLSTransport:
+        """A server-side TLS transport for a connection (STARTTLS or implicit TLS)."""
+        from selsmtp.transport import TLSTransport  # Why here: it imports ssl (slow)
+
+        assert self._tls_context is not None, "STARTTLS is only offered with a certificate"
+        return TLSTransport(self._tls_context)
 
     def enqueue(self, conn: Connection, deliver: Deliver, now: float) -> None:
         """A message is finished: store it at the end of this turn."""
