@@ -25,7 +25,7 @@ import selectors
 import socket
 from collections.abc import Iterable
 
-from selsmtp.replies import Reply
+from selsmtp.replies import AUTH_OK, Reply
 from selsmtp.session import Action, Deliver, Session, StartTLS
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
@@ -171,6 +171,8 @@ class Connection:
         for action in actions:
             if type(action) is Reply:
                 out += action.wire
+                if action is AUTH_OK:  # the user only: a password is never logged
+                    log.info("%s authenticated as %r", self.peer, self.session.auth_user)
             elif type(action) is Deliver:
                 self._server.enqueue(self, action, now)
             elif type(action) is StartTLS:
