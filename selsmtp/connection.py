@@ -20,20 +20,48 @@ log line; one that stalls is closed by the line deadline, which it counts agains
 from __future__ import annotations
 
 import logging
-import math
 import selectors
 import socket
 from collections.abc import Iterable
 
+from selsmtp.deadlines import NEVER
 from selsmtp.replies import AUTH_OK, Reply
 from selsmtp.session import Action, Deliver, Session, StartTLS
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
-    from typing import Final
+    from typing import Final, Protocol
 
-    from selsmtp.server import Server
+    from selsmtp.config import Config
     from selsmtp.transport import TLSTransport
+
+    class Loop(Protocol):
+        """What a connection sees of the loop that runs it (the server)."""
+
+        @property
+        def config(self) -> Config: ...
+
+        @property
+        def recv_view(self) -> memoryview:
+            """Where every recv lands (one thread: one read at a time)."""
+
+        @property
+        def selector(self) -> selectors.BaseSelector:
+            """Registers the connection's socket, with the connection as its data."""
+
+        def touched(self, conn: Connection) -> None:
+            """``conn`` changed: refresh its selector interest at the end of the turn
+            (:meth:`Connection.refresh_interest`) and watch its deadline."""
+
+        def enqueue(self, conn: Connection, deliver: Deliver, now: float) -> None:
+            """A message is finished: store it at the end of this turn."""
+
+        def closed(self, conn: Connection) -> None:
+            """``conn`` has closed its socket (and left the selector)."""
+
+        def new_tls(self) -> TLSTransport:
+            """A server-side TLS transport (STARTTLS)."""
+
 
 log = logging.getLogger("selsmtp.connection")
 
@@ -45,7 +73,6 @@ RECV_DATA: Final = 256 * 1024
 #: and 16 KiB of pipelined one-word commands already costs a few milliseconds of
 #: replies, which is how long every other client waits on this one (SPEC §4.4).
 RECV_COMMANDS: Final = 16 * 1024
-NEVER: Final = math.inf
 
 
 class Connection:
@@ -53,13 +80,12 @@ class Connection:
 
     __slots__ = (
         "_greet",
+        "_loop",
         "_progress_seen",
-        "_server",
         "closing",
         "deadline",
         "eof",
         "events",
-        "in_heap",
         "messages",
         "out",
         "peer",
@@ -70,14 +96,14 @@ class Connection:
 
     def __init__(
         self,
-        server: Server,
+        loop: Loop,
         sock: socket.socket,
         peer: str,
         session: Session,
         now: float,
         tls: TLSTransport | None = None,
     ) -> None:
-        self._server = server
+        self._loop = loop
         self.sock: socket.socket | None = sock
         self.peer = peer
         self.session = session
@@ -85,8 +111,7 @@ class Connection:
         self.closing = False  # close once `out` is sent
         self.eof = False  # the client closed its side
         self.events = 0  # what the selector watches for us now
-        self.deadline = now + server.config.timeout
-        self.in_heap = False  # owned by the server's deadline heap
+        self.deadline = now + loop.config.timeout
         self.messages = 0
         self._progress_seen = 0
         #: between the socket and the session once TLS begins (None: plaintext)
@@ -113,7 +138,7 @@ class Connection:
         if mask & selectors.EVENT_WRITE:
             self._send()
         if mask & selectors.EVENT_READ and self.sock is not None:
-            view = self._server.recv_view
+            view = self._loop.recv_view
             try:
                 size = self.sock.recv_into(
                     view, RECV_DATA if self.session.reading_data else RECV_COMMANDS
@@ -174,10 +199,10 @@ class Connection:
                 if action is AUTH_OK:  # the user only: a password is never logged
                     log.info("%s authenticated as %r", self.peer, self.session.auth_user)
             elif type(action) is Deliver:
-                self._server.enqueue(self, action, now)
+                self._loop.enqueue(self, action, now)
             elif type(action) is StartTLS:
                 # The replies so far (the 220) are the last plaintext; then the handshake.
-                tls = self.tls = self._server.new_tls()
+                tls = self.tls = self._loop.new_tls()
                 out = bytearray()
             else:
                 self.closing = True
@@ -189,8 +214,7 @@ class Connection:
             self.deadline = NEVER  # the store, not the client, is what we wait for
         elif session.progress != self._progress_seen or self.deadline == NEVER:
             self._progress_seen = session.progress
-            self.deadline = now + self._server.config.timeout
-            self._server.watch_deadline(self)
+            self.deadline = now + self._loop.config.timeout  # watched by touched(), below
         if out:
             self._send()
         else:
@@ -247,7 +271,7 @@ class Connection:
         # Why deferred to the end of the turn: a message finished in this turn is
         # stored at its end, so the pause it causes is usually over by then and the
         # interest has not changed at all: no epoll_ctl calls for it.
-        self._server.dirty.add(self)
+        self._loop.touched(self)
 
     def may_read_more(self) -> bool:
         """True unless the end of the turn will stop reading from this client (see
@@ -257,7 +281,7 @@ class Connection:
             or self.closing
             or self.eof
             or self.session.paused
-            or len(self.out) >= self._server.config.output_high_water
+            or len(self.out) >= self._loop.config.output_high_water
         )
 
     def refresh_interest(self) -> None:
@@ -270,7 +294,13 @@ class Connection:
         if self.out:
             events |= selectors.EVENT_WRITE
         if events != self.events:
-            self._server.rearm(self, events)
+            selector = self._loop.selector
+            if self.events == 0:
+                selector.register(self.sock, events, self)
+            elif events == 0:
+                selector.unregister(self.sock)
+            else:
+                selector.modify(self.sock, events, self)
             self.events = events
 
     def close(self, reason: str) -> None:
@@ -278,7 +308,10 @@ class Connection:
         if self.sock is None:
             return
         sock, self.sock = self.sock, None
-        self._server.forget(self, sock)
+        if self.events:
+            self._loop.selector.unregister(sock)
+            self.events = 0
+        self._loop.closed(self)
         sock.close()
         self.out.clear()
         log.info(

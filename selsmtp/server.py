@@ -32,12 +32,10 @@ Because deliveries happen here, in the loop, one at a time, nothing in the proce
 ever writes the mailbox concurrently: no lock is needed inside the process. The
 ``fcntl`` lock is for other processes.
 
-Deadlines sit in a heap with at most one entry per connection. A connection moves its
-own deadline later by changing an attribute; when an entry comes due early it is
-pushed again with the current value, so a busy connection costs no heap work. The
-entry of a connection that closes stays until it comes due; once such entries are
-the majority the heap is rebuilt without them, so a high rate of short connections
-does not keep thousands of dead ones alive for a whole timeout.
+Line deadlines live in :class:`~selsmtp.deadlines.Deadlines`. A connection sees the
+server only through the small ``Loop`` protocol of :mod:`selsmtp.connection`
+(``touched``, ``enqueue``, ``closed``, ``new_tls`` and three read-only attributes);
+neither writes the other's fields. The server's life cycle is one :class:`Phase`.
 
 Signals are not handled in the loop: the handler only sets a flag, and
 ``signal.set_wakeup_fd`` on a socketpair makes ``select`` return at once.
@@ -46,9 +44,9 @@ Signals are not handled in the loop: the handler only sets a flag, and
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import functools
-import heapq
 import logging
 import math
 import selectors
@@ -58,7 +56,8 @@ from collections.abc import Callable
 
 from selsmtp import replies
 from selsmtp.config import Config
-from selsmtp.connection import NEVER, RECV_DATA, Connection
+from selsmtp.connection import RECV_DATA, Connection
+from selsmtp.deadlines import COMPACT_MIN, NEVER, Deadlines
 from selsmtp.session import Action, Deliver, Session
 from selsmtp.store import StoreError, open_store
 
@@ -85,9 +84,7 @@ ACCEPT_PAUSE: Final = 1.0
 REFUSAL_LOG_INTERVAL: Final = 1.0
 #: seconds after shutdown begins that connections still open are dropped
 SHUTDOWN_GRACE: Final = 2.0
-#: the deadline heap is rebuilt once it holds more than this many entries of closed
-#: connections and they are over half of it
-COMPACT_MIN: Final = 1024
+__all__ = ["COMPACT_MIN", "Phase", "Server", "format_address", "open_listener"]
 #: polls without waiting that a turn may add while it has finished messages to store
 #: (step 2 of the module docstring); none once the batch holds BATCH_POLL_MESSAGES
 #: messages, and only the first past BATCH_POLL_BYTES of message data: the fsync of
@@ -99,6 +96,15 @@ BATCH_POLL_MESSAGES: Final = 16
 BATCH_POLL_BYTES: Final = 64 * 1024
 
 Callback = Callable[[int, float], None]
+
+
+class Phase(enum.Enum):
+    """The server's life cycle; it only moves forward."""
+
+    RUNNING = enum.auto()  #: serving
+    STOP_REQUESTED = enum.auto()  #: a signal or request_stop(); the loop has not seen it yet
+    STOPPING = enum.auto()  #: not accepting; draining the batch, then closing the rest
+    STOPPED = enum.auto()  #: serve_forever returns
 
 
 class _Waiting:
@@ -202,20 +208,26 @@ class Server:
         self.recv_view = memoryview(bytearray(RECV_DATA))
         #: called at the end of every loop turn (the command line flushes its logs here)
         self.after_turn: Callable[[], None] | None = None
-        self._deadlines: list[tuple[float, Connection]] = []
-        self._dead_deadlines = 0  # entries in the heap whose connection is closed
+        self._deadlines = Deadlines()
         self._waiting: list[_Waiting] = []
         self._lock_retry_at = 0.0
         self._lock_retry_delay = LOCK_RETRY_MIN
         self._accept_paused_until: float | None = None
         self._refused = 0  # connections refused since the last log line about them
         self._refused_logged_at = -math.inf
-        self._stop_requested = False
-        self._stopping_since: float | None = None
-        self.stopped = False
+        self.phase = Phase.RUNNING
+        self._stopping_since = 0.0  # when STOPPING began
         self.delivered = 0
 
     # -- the loop ----------------------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        return self.phase is Phase.STOPPED
+
+    @property
+    def selector(self) -> selectors.BaseSelector:
+        return self._selector
 
     @property
     def wakeup_fd(self) -> int:
@@ -225,7 +237,7 @@ class Server:
     def serve_forever(self) -> None:
         """Run until stopped, then release every resource."""
         try:
-            while not self.stopped:
+            while self.phase is not Phase.STOPPED:
                 self.run_once()
         finally:
             self.close()
@@ -264,7 +276,7 @@ class Server:
         """Whether an extra poll may add to the batch: not while the lock is being
         waited for (it would not be stored), nor once a stop was asked for (the
         listener must accept no more)."""
-        return now >= self._lock_retry_at and not self._stop_requested
+        return now >= self._lock_retry_at and self.phase is Phase.RUNNING
 
     def _dispatch(self, ready: list[tuple[selectors.SelectorKey, int]], now: float) -> None:
         for key, mask in ready:
@@ -300,14 +312,14 @@ class Server:
             self._close_after_bug(conn)
 
     def _next_timeout(self, now: float) -> float | None:
-        if self._stop_requested and self._stopping_since is None:
+        if self.phase is Phase.STOP_REQUESTED:
             return 0
-        due = self._deadlines[0][0] if self._deadlines else NEVER
+        due = self._deadlines.next_due()
         if self._waiting:
             due = min(due, self._lock_retry_at)
         if self._accept_paused_until is not None:
             due = min(due, self._accept_paused_until)
-        if self._stopping_since is not None:
+        if self.phase is Phase.STOPPING:
             lock_limit = self._stopping_since + self.config.shutdown_lock_wait
             due = min(due, lock_limit if self._waiting else lock_limit + SHUTDOWN_GRACE)
         if due == NEVER:
@@ -318,7 +330,9 @@ class Server:
 
     def request_stop(self) -> None:
         """Ask the loop to shut down gracefully. Safe from signal handlers and threads."""
-        self._stop_requested = True
+        # Why no lock: only this method leaves RUNNING, and only for STOP_REQUESTED.
+        if self.phase is Phase.RUNNING:
+            self.phase = Phase.STOP_REQUESTED
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
@@ -333,19 +347,19 @@ class Server:
             len(self.connections),
             len(self._waiting),
         )
+        self.phase = Phase.STOPPING
         self._stopping_since = now
         self._close_listener()
         for conn in list(self.connections):
             self._resolve(conn, conn.session.shut_down, now)
 
     def _maintain(self, now: float) -> None:
-        if self._dead_deadlines > COMPACT_MIN and 2 * self._dead_deadlines > len(self._deadlines):
-            self._compact_deadlines()
-        if self._stop_requested and self._stopping_since is None:
+        self._deadlines.compact()
+        if self.phase is Phase.STOP_REQUESTED:
             self._begin_shutdown(now)
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._resume_accepting()
-        if self._stopping_since is None:
+        if self.phase is not Phase.STOPPING:
             return
         elapsed = now - self._stopping_since
         if self._waiting and elapsed >= self.config.shutdown_lock_wait:
@@ -360,7 +374,7 @@ class Server:
             for conn in list(self.connections):
                 conn.close("shutdown")
         if not self.connections and not self._waiting:
-            self.stopped = True
+            self.phase = Phase.STOPPED
 
     def close(self) -> None:
         """Release the sockets, the selector and the mailbox."""
@@ -421,7 +435,6 @@ class Server:
             self.connections.add(conn)
             log.debug("connection from %s", peer)
             conn.start(now)
-            self.watch_deadline(conn)
 
     def _refuse_connection(self, peer: str, now: float) -> None:
         # Why rate-limited: a storm of connections must not become a storm of log lines.
@@ -456,24 +469,15 @@ class Server:
 
     # -- services for connections ------------------------------------------------
 
-    def rearm(self, conn: Connection, events: int) -> None:
-        """Make the selector watch ``events`` (0: nothing) on ``conn``'s socket."""
-        assert conn.sock is not None
-        if conn.events == 0:
-            self._selector.register(conn.sock, events, conn)
-        elif events == 0:
-            self._selector.unregister(conn.sock)
-        else:
-            self._selector.modify(conn.sock, events, conn)
+    def touched(self, conn: Connection) -> None:
+        """``conn`` changed: refresh its interest at the end of the turn, watch its deadline."""
+        self.dirty.add(conn)
+        self._deadlines.watch(conn)
 
-    def forget(self, conn: Connection, sock: socket.socket) -> None:
-        """``conn`` is closing: stop watching its socket."""
-        if conn.events:
-            self._selector.unregister(sock)
-            conn.events = 0
+    def closed(self, conn: Connection) -> None:
+        """``conn`` has closed its socket."""
         self.connections.discard(conn)
-        if conn.in_heap:
-            self._dead_deadlines += 1  # see _maintain
+        self._deadlines.forget(conn)  # see _maintain
         if self._accept_paused_until is not None:
             self._resume_accepting()
 
@@ -488,38 +492,13 @@ class Server:
         """A message is finished: store it at the end of this turn."""
         self._waiting.append(_Waiting(conn, deliver, now))
 
-    def watch_deadline(self, conn: Connection) -> None:
-        if not conn.in_heap and conn.deadline != NEVER and not conn.closed:
-            heapq.heappush(self._deadlines, (conn.deadline, conn))
-            conn.in_heap = True
-
-    def _compact_deadlines(self) -> None:
-        live = []
-        for entry in self._deadlines:
-            if entry[1].closed:
-                entry[1].in_heap = False
-            else:
-                live.append(entry)
-        heapq.heapify(live)
-        self._deadlines = live
-        self._dead_deadlines = 0
-
     def _expire_deadlines(self, now: float) -> None:
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, conn = heapq.heappop(heap)
-            conn.in_heap = False
-            if conn.closed:
-                self._dead_deadlines -= 1
-                continue
-            if conn.deadline <= now:
-                log.info("%s: no complete line in %.0f s", conn.peer, self.config.timeout)
-                try:
-                    conn.timed_out(now)
-                except Exception:
-                    self._close_after_bug(conn)
-            else:
-                self.watch_deadline(conn)  # moved later since it was pushed
+        for conn in self._deadlines.due(now):
+            log.info("%s: no complete line in %.0f s", conn.peer, self.config.timeout)
+            try:
+                conn.timed_out(now)
+            except Exception:
+                self._close_after_bug(conn)
 
     # -- storing -----------------------------------------------------------------
 
