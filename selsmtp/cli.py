@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from selsmtp import __version__, logs
 from selsmtp.argtypes import host_name, line_timeout, port_number, positive_float, positive_int
 from selsmtp.config import FORMATS, MAX_TIMEOUT, ROTATING_FORMATS, Config, host_name_problem
+from selsmtp.credfiles import load_credentials
 from selsmtp.server import Server, format_address
 from selsmtp.store import StartupError
 
@@ -101,6 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         help="(default: %(default)s)",
     )
+    add("--tls-cert", metavar="FILE", help="PEM certificate chain: enables STARTTLS")
+    add("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    add(
+        "--tls-port",
+        type=port_number,
+        default=None,
+        metavar="P",
+        help="also listen here for implicit TLS (needs --tls-cert); 0 picks a free one",
+    )
+    add("--require-tls", action="store_true", help="refuse MAIL and AUTH before TLS (530)")
+    add(
+        "--auth",
+        default="off",
+        metavar="MODE",
+        help="off (default), any (every login succeeds), or a FILE of user:password lines",
+    )
+    add("--auth-required", action="store_true", help="refuse MAIL before a successful AUTH")
+    add(
+        "--auth-allow-insecure",
+        action="store_true",
+        help="offer and accept AUTH before TLS (default: only under TLS)",
+    )
     # Hidden: for tests and benchmarks, not for users.
     add("--lock-wait", type=positive_float, default=20.0, help=argparse.SUPPRESS)
     add("--no-fsync", action="store_true", help=argparse.SUPPRESS)
@@ -133,12 +156,32 @@ def default_name() -> str:
     return name if host_name_problem(name) is None else "localhost"
 
 
+def check_tls_and_auth(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The TLS and AUTH options that need each other (SPEC §8); exit 2 otherwise."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_cert is None and args.tls_port is not None:
+        parser.error("--tls-port needs --tls-cert and --tls-key")
+    if args.tls_cert is None and args.require_tls:
+        parser.error("--require-tls needs --tls-cert and --tls-key")
+    if args.auth == "off" and (args.auth_required or args.auth_allow_insecure):
+        parser.error("--auth-required and --auth-allow-insecure need --auth any or --auth FILE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     log_handler = logs.setup(args.log_level)
     if args.rotate is not None and args.format not in ROTATING_FORMATS:
         parser.error(f"--rotate applies to the {' and '.join(ROTATING_FORMATS)} formats only")
+    check_tls_and_auth(parser, args)
+    auth_users = None
+    if args.auth not in ("off", "any"):
+        try:
+            auth_users = load_credentials(args.auth)
+        except StartupError as exc:
+            print(f"selsmtp: {exc}", file=sys.stderr)
+            return 1
     config = Config(
         host=args.host,
         port=args.port,
@@ -153,6 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=args.log_level,
         lock_wait=args.lock_wait,
         fsync=not args.no_fsync,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_port=args.tls_port,
+        require_tls=args.require_tls,
+        auth=args.auth if auth_users is None else "file",
+        auth_users=auth_users,
+        auth_required=args.auth_required,
+        auth_allow_insecure=args.auth_allow_insecure,
     )
     if not config.fsync:
         log.warning("--no-fsync: acknowledged messages can be lost in a crash (benchmarks only)")
@@ -172,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)  # no KeyboardInterrupt can land mid-write
     signal.set_wakeup_fd(server.wakeup_fd, warn_on_full_buffer=False)
     print(f"selsmtp listening on {server.address}", flush=True)
+    if server.tls_address is not None:
+        print(f"selsmtp tls listening on {server.tls_address}", flush=True)
     log.info(
         "selsmtp %s listening on %s, mailbox %s (%s, message %d follows)",
         __version__,

@@ -8,9 +8,13 @@ TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
     from typing import Any, Final
 
+    from selsmtp.auth import Credentials
+
 FORMATS: Final = ("cs4410", "mbox", "maildir")
 #: the formats that keep their messages in one file, which --rotate renames
 ROTATING_FORMATS: Final = ("cs4410", "mbox")
+#: Config.auth: "off", "any" user and password, or the users of a "file"
+AUTH_MODES: Final = ("off", "any", "file")
 
 #: RFC 5321 §4.5.3.1.4: a command line is at most 512 octets, CRLF included.
 MAX_COMMAND_LINE: Final = 512
@@ -69,6 +73,14 @@ class Config(Frozen):
         "spool_threshold",
         "output_high_water",
         "fsync",
+        "tls_cert",
+        "tls_key",
+        "tls_port",
+        "require_tls",
+        "auth",
+        "auth_users",
+        "auth_required",
+        "auth_allow_insecure",
     )
 
     host: str
@@ -97,6 +109,21 @@ class Config(Frozen):
     output_high_water: int
     #: DANGER, benchmarks only: skip fsync, so an acknowledged message can be lost in a crash
     fsync: bool
+    #: PEM certificate chain and key (SPEC §8): STARTTLS on ``port`` when both are set
+    tls_cert: str | None
+    tls_key: str | None
+    #: also listen here for implicit TLS (RFC 8314); None: no second listener
+    tls_port: int | None
+    #: MAIL or AUTH before TLS is refused with 530
+    require_tls: bool
+    #: AUTH_MODES: "off" (not offered), "any" (every login succeeds), "file" (auth_users)
+    auth: str
+    #: the users of ``auth == "file"``
+    auth_users: Credentials | None
+    #: MAIL before a successful AUTH is refused with 530
+    auth_required: bool
+    #: offer and accept AUTH before TLS (else 538, as Postfix's smtpd_tls_auth_only)
+    auth_allow_insecure: bool
 
     def __init__(
         self,
@@ -117,6 +144,14 @@ class Config(Frozen):
         spool_threshold: int = 1 << 20,
         output_high_water: int = 64 * 1024,
         fsync: bool = True,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_port: int | None = None,
+        require_tls: bool = False,
+        auth: str = "off",
+        auth_users: Credentials | None = None,
+        auth_required: bool = False,
+        auth_allow_insecure: bool = False,
     ) -> None:
         if format not in FORMATS:
             raise ValueError(f"unknown mailbox format {format!r}")
@@ -135,6 +170,16 @@ class Config(Frozen):
             raise ValueError("rotate must be at least 1")
         if rotate is not None and format not in ROTATING_FORMATS:
             raise ValueError(f"rotate applies to the {' and '.join(ROTATING_FORMATS)} formats only")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if tls_cert is None and (tls_port is not None or require_tls):
+            raise ValueError("tls_port and require_tls need tls_cert and tls_key")
+        if auth not in AUTH_MODES:
+            raise ValueError(f"unknown auth mode {auth!r}")
+        if (auth == "file") != (auth_users is not None):
+            raise ValueError('auth_users go with auth="file", and only with it')
+        if auth == "off" and (auth_required or auth_allow_insecure):
+            raise ValueError("auth_required and auth_allow_insecure need auth")
         init_field(self, "host", host)
         init_field(self, "port", port)
         init_field(self, "mailbox", mailbox)
@@ -152,6 +197,19 @@ class Config(Frozen):
         init_field(self, "spool_threshold", spool_threshold)
         init_field(self, "output_high_water", output_high_water)
         init_field(self, "fsync", fsync)
+        init_field(self, "tls_cert", tls_cert)
+        init_field(self, "tls_key", tls_key)
+        init_field(self, "tls_port", tls_port)
+        init_field(self, "require_tls", require_tls)
+        init_field(self, "auth", auth)
+        init_field(self, "auth_users", auth_users)
+        init_field(self, "auth_required", auth_required)
+        init_field(self, "auth_allow_insecure", auth_allow_insecure)
+
+    @property
+    def starttls(self) -> bool:
+        """True when STARTTLS is offered (a certificate is configured)."""
+        return self.tls_cert is not None
 
     def replace(self, **changes: Any) -> Config:
         """A copy with the fields named in ``changes`` changed (validated again)."""

@@ -7,25 +7,62 @@ watch is computed from its state (waitress's ``writable()`` idea), once, at the 
 of a loop turn in which it changed: READ unless the session is paused, the client has
 stopped reading its replies (output over the high-water mark) or the connection is
 closing; WRITE only while output is waiting.
+
+With TLS (STARTTLS, or the implicit-TLS port) a :class:`~selsmtp.transport.TLSTransport`
+sits between the socket and the session: bytes read go through it before the session
+sees them, replies go through it before they reach the output buffer, and ``out``
+then holds ciphertext. The 220 to STARTTLS is the last plaintext sent; everything the
+session buffered behind it is discarded by the session. On the implicit-TLS port the
+greeting waits for the handshake. A handshake that fails closes the connection with a
+log line; one that stalls is closed by the line deadline, which it counts against.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import selectors
 import socket
 from collections.abc import Iterable
 
 from selsmtp import logs
-from selsmtp.replies import Reply
-from selsmtp.session import Action, Deliver, Session
+from selsmtp.deadlines import NEVER
+from selsmtp.replies import AUTH_OK, Reply
+from selsmtp.session import Action, Deliver, Session, StartTLS
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
-    from typing import Final
+    from typing import Final, Protocol
 
-    from selsmtp.server import Server
+    from selsmtp.config import Config
+    from selsmtp.transport import TLSTransport
+
+    class Loop(Protocol):
+        """What a connection sees of the loop that runs it (the server)."""
+
+        @property
+        def config(self) -> Config: ...
+
+        @property
+        def recv_view(self) -> memoryview:
+            """Where every recv lands (one thread: one read at a time)."""
+
+        @property
+        def selector(self) -> selectors.BaseSelector:
+            """Registers the connection's socket, with the connection as its data."""
+
+        def touched(self, conn: Connection) -> None:
+            """``conn`` changed: refresh its selector interest at the end of the turn
+            (:meth:`Connection.refresh_interest`) and watch its deadline."""
+
+        def enqueue(self, conn: Connection, deliver: Deliver, now: float) -> None:
+            """A message is finished: store it at the end of this turn."""
+
+        def closed(self, conn: Connection) -> None:
+            """``conn`` has closed its socket (and left the selector)."""
+
+        def new_tls(self) -> TLSTransport:
+            """A server-side TLS transport (STARTTLS)."""
+
 
 log = logging.getLogger("selsmtp.connection")
 
@@ -37,31 +74,37 @@ RECV_DATA: Final = 256 * 1024
 #: and 16 KiB of pipelined one-word commands already costs a few milliseconds of
 #: replies, which is how long every other client waits on this one (SPEC §4.4).
 RECV_COMMANDS: Final = 16 * 1024
-NEVER: Final = math.inf
 
 
 class Connection:
     """One client. Created by the server on accept; lives until :meth:`close`."""
 
     __slots__ = (
+        "_greet",
+        "_loop",
         "_progress_seen",
-        "_server",
         "closing",
         "deadline",
         "eof",
         "events",
-        "in_heap",
         "messages",
         "out",
         "peer",
         "session",
         "sock",
+        "tls",
     )
 
     def __init__(
-        self, server: Server, sock: socket.socket, peer: str, session: Session, now: float
+        self,
+        loop: Loop,
+        sock: socket.socket,
+        peer: str,
+        session: Session,
+        now: float,
+        tls: TLSTransport | None = None,
     ) -> None:
-        self._server = server
+        self._loop = loop
         self.sock: socket.socket | None = sock
         self.peer = peer
         self.session = session
@@ -69,10 +112,12 @@ class Connection:
         self.closing = False  # close once `out` is sent
         self.eof = False  # the client closed its side
         self.events = 0  # what the selector watches for us now
-        self.deadline = now + server.config.timeout
-        self.in_heap = False  # owned by the server's deadline heap
+        self.deadline = now + loop.config.timeout
         self.messages = 0
         self._progress_seen = 0
+        #: between the socket and the session once TLS begins (None: plaintext)
+        self.tls = tls
+        self._greet = tls is not None  # implicit TLS: greet once the handshake is done
 
     def __lt__(self, other: Connection) -> bool:
         # Why: deadline heap entries are (deadline, connection); equal deadlines fall
@@ -84,14 +129,17 @@ class Connection:
         return self.sock is None
 
     def start(self, now: float) -> None:
-        self.apply(self.session.start(), now)
+        if self._greet:
+            self._update()  # implicit TLS: read the ClientHello first
+        else:
+            self.apply(self.session.start(), now)
 
     def on_ready(self, mask: int, now: float) -> None:
         """The selector says the socket is readable and/or writable."""
         if mask & selectors.EVENT_WRITE:
             self._send()
         if mask & selectors.EVENT_READ and self.sock is not None:
-            view = self._server.recv_view
+            view = self._loop.recv_view
             try:
                 size = self.sock.recv_into(
                     view, RECV_DATA if self.session.reading_data else RECV_COMMANDS
@@ -103,34 +151,100 @@ class Connection:
                 return
             if not size:
                 self.eof = True
-            self.apply(self.session.receive(view[:size].tobytes()), now)
+            if self.tls is None:
+                self.apply(self.session.receive(view[:size].tobytes()), now)
+            else:
+                self._receive_tls(self.tls, view[:size].tobytes(), now)
+
+    def _receive_tls(self, tls: TLSTransport, data: bytes, now: float) -> None:
+        """Ciphertext from the client: the handshake, then plaintext for the session."""
+        tls.feed(data)
+        try:
+            if not tls.established:
+                done = tls.handshake()
+                self.out += tls.pending()
+                if not done:
+                    if not data:
+                        self.close("closed during the TLS handshake")
+                    else:
+                        self._send()
+                    return
+                version, cipher = tls.describe()
+                log.debug("%s: %s with cipher %s", self.peer, version, cipher)
+                actions = self.session.tls_started(version, cipher)
+                if self._greet:
+                    self._greet = False
+                    actions += self.session.start()
+                self.apply(actions, now)
+                if self.sock is None:
+                    return
+            plaintext, ended = tls.read()
+        except OSError as exc:  # ssl.SSLError is one
+            self.close(f"TLS failed: {getattr(exc, 'reason', None) or exc}")
+            return
+        if plaintext:
+            self.apply(self.session.receive(plaintext), now)
+        if ended and self.sock is not None:
+            self.eof = True
+            self.apply(self.session.receive(b""), now)
 
     def apply(self, actions: Iterable[Action], now: float) -> None:
         """Carry out the session's actions, then send what the kernel takes."""
         if self.sock is None:
             return
-        out = self.out
+        tls = self.tls
+        out = self.out if tls is None else bytearray()  # plaintext, encrypted below
         for action in actions:
             if type(action) is Reply:
                 out += action.wire
+                if action is AUTH_OK:  # the user only: a password is never logged
+                    log.info("%s authenticated as %r", self.peer, self.session.auth_user)
             elif type(action) is Deliver:
-                self._server.enqueue(self, action, now)
+                self._loop.enqueue(self, action, now)
+            elif type(action) is StartTLS:
+                # The replies so far (the 220) are the last plaintext; then the handshake.
+                tls = self.tls = self._loop.new_tls()
+                out = bytearray()
             else:
                 self.closing = True
+        if tls is not None and not self._encrypt(tls, out):
+            return
+        out = self.out
         session = self.session
         if session.paused:
             self.deadline = NEVER  # the store, not the client, is what we wait for
         elif session.progress != self._progress_seen or self.deadline == NEVER:
             self._progress_seen = session.progress
-            self.deadline = now + self._server.config.timeout
-            self._server.watch_deadline(self)
+            self.deadline = now + self._loop.config.timeout  # watched by touched(), below
         if out:
             self._send()
         else:
             self._update()
 
+    def _encrypt(self, tls: TLSTransport, plaintext: bytearray) -> bool:
+        """Replies through TLS into ``out``; False if that failed and closed us.
+
+        Before the handshake is done nothing can be sent: a reply then (the 421 of a
+        shutdown) is dropped, and the connection just closes.
+        """
+        if not tls.established:
+            return True
+        try:
+            if plaintext:
+                tls.write(plaintext)
+            if self.closing:
+                tls.close_notify()
+        except OSError as exc:
+            self.close(f"TLS failed: {getattr(exc, 'reason', None) or exc}")
+            return False
+        self.out += tls.pending()
+        return True
+
     def timed_out(self, now: float) -> None:
         """The line deadline passed: 421, one try to send it, and close."""
+        if self.tls is not None and not self.tls.established:
+            self.close("TLS handshake timed out")
+            return
         self.apply(self.session.timed_out(), now)
         if self.sock is not None:
             self.close("timeout")
@@ -158,7 +272,7 @@ class Connection:
         # Why deferred to the end of the turn: a message finished in this turn is
         # stored at its end, so the pause it causes is usually over by then and the
         # interest has not changed at all: no epoll_ctl calls for it.
-        self._server.dirty.add(self)
+        self._loop.touched(self)
 
     def may_read_more(self) -> bool:
         """True unless the end of the turn will stop reading from this client (see
@@ -168,7 +282,7 @@ class Connection:
             or self.closing
             or self.eof
             or self.session.paused
-            or len(self.out) >= self._server.config.output_high_water
+            or len(self.out) >= self._loop.config.output_high_water
         )
 
     def refresh_interest(self) -> None:
@@ -181,7 +295,13 @@ class Connection:
         if self.out:
             events |= selectors.EVENT_WRITE
         if events != self.events:
-            self._server.rearm(self, events)
+            selector = self._loop.selector
+            if self.events == 0:
+                selector.register(self.sock, events, self)
+            elif events == 0:
+                selector.unregister(self.sock)
+            else:
+                selector.modify(self.sock, events, self)
             self.events = events
 
     def close(self, reason: str) -> None:
@@ -189,7 +309,10 @@ class Connection:
         if self.sock is None:
             return
         sock, self.sock = self.sock, None
-        self._server.forget(self, sock)
+        if self.events:
+            self._loop.selector.unregister(sock)
+            self.events = 0
+        self._loop.closed(self)
         sock.close()
         self.out.clear()
         if log.isEnabledFor(logging.INFO):  # the line is made only if logged

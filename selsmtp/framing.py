@@ -58,14 +58,28 @@ class LineStatus(enum.Enum):
 
 
 class LineReader:
-    """Cuts command lines out of a buffer, enforcing a length limit while buffering."""
+    """Cuts command lines out of a buffer, enforcing a length limit while buffering.
 
-    __slots__ = ("_discarding", "_scanned", "limit")
+    Lines that begin with ``AUTH`` (and every line while :attr:`long_lines` is set,
+    for the responses of an AUTH exchange) may be up to ``long_limit`` bytes long
+    (RFC 4954 §4): the limit is looked at only once a line outgrows ``limit``, so the
+    other lines pay nothing for it.
+    """
 
-    def __init__(self, limit: int) -> None:
+    __slots__ = ("_discarding", "_scanned", "limit", "long_limit", "long_lines")
+
+    def __init__(self, limit: int, long_limit: int | None = None) -> None:
         self.limit = limit
+        self.long_limit = limit if long_limit is None else long_limit
+        self.long_lines = False  #: every line may be long_limit bytes
         self._scanned = 0  # bytes at the front of the buffer known to hold no LF
         self._discarding = False  # inside a line already known to be too long
+
+    def _limit_for(self, line: bytes | bytearray) -> int:
+        """The limit for ``line`` (the start of one line, at least ``limit`` bytes)."""
+        if self.long_lines or line[:5].upper() in (b"AUTH ", b"AUTH\t"):
+            return self.long_limit
+        return self.limit
 
     def maybe_next_line(self, buf: bytearray) -> bytes | LineStatus | None:
         """Remove and return the next complete line of ``buf`` (line ending included).
@@ -76,7 +90,7 @@ class LineReader:
         """
         end = buf.find(b"\n", self._scanned)
         if end < 0:
-            if self._discarding or len(buf) >= self.limit:
+            if self._discarding or (len(buf) >= self.limit and len(buf) >= self._limit_for(buf)):
                 # Why: with no LF in `limit` bytes the line cannot fit any more.
                 self._discarding = True
                 buf.clear()
@@ -87,10 +101,15 @@ class LineReader:
         line = bytes(buf[: end + 1])
         del buf[: end + 1]
         self._scanned = 0
-        if self._discarding or len(line) > self.limit:
+        if self._discarding or (len(line) > self.limit and len(line) > self._limit_for(line)):
             self._discarding = False
             return LineStatus.TOO_LONG
         return line
+
+    def reset(self) -> None:
+        """Forget any partial line (the buffer it was cutting from was emptied)."""
+        self._scanned = 0
+        self._discarding = False
 
 
 #: A finished message: bytes when small, else a spooled file positioned at 0. (Only a

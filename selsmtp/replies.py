@@ -86,6 +86,32 @@ TOO_BIG: Final = Reply.of(552, "5.3.4 Error: message file too big")
 TOO_MANY_RECIPIENTS: Final = Reply.of(452, "4.5.3 Error: too many recipients")
 WRITE_ERROR: Final = Reply.of(451, "4.3.0 Error: queue file write error")
 MAILBOX_BUSY: Final = Reply.of(451, "4.3.0 Error: mailbox busy, try again later")
+HELP: Final = Reply.of(214, "2.0.0 See RFC 5321 and https://www.rfc-editor.org")
+
+# -- TLS and AUTH (SPEC §8) --------------------------------------------------
+
+READY_FOR_TLS: Final = Reply.of(220, "2.0.0 Ready to start TLS")
+STARTTLS_SYNTAX: Final = Reply.of(501, "5.5.4 Syntax: STARTTLS")
+TRANSACTION_IN_PROGRESS: Final = Reply.of(503, "5.5.1 Error: MAIL transaction in progress")
+TLS_ALREADY_ACTIVE: Final = Reply.of(503, "5.5.1 Error: TLS already active")
+MUST_STARTTLS: Final = Reply.of(530, "5.7.0 Must issue a STARTTLS command first")
+AUTH_REQUIRED: Final = Reply.of(530, "5.7.0 Authentication required")
+ENCRYPTION_REQUIRED: Final = Reply.of(
+    538, "5.7.11 Encryption required for requested authentication mechanism"
+)
+AUTH_OK: Final = Reply.of(235, "2.7.0 Authentication successful")
+AUTH_FAILED: Final = Reply.of(535, "5.7.8 Error: authentication failed")
+AUTH_ABORTED: Final = Reply.of(501, "5.7.0 Authentication aborted")
+BAD_BASE64: Final = Reply.of(501, "5.5.2 Error: invalid base64")
+AUTH_SYNTAX: Final = Reply.of(501, "5.5.4 Syntax: AUTH mechanism")
+AUTH_MECHANISM: Final = Reply.of(504, "5.5.4 Error: unsupported authentication mechanism")
+ALREADY_AUTHENTICATED: Final = Reply.of(503, "5.5.1 Error: already authenticated")
+AUTH_NEEDS_EHLO: Final = Reply.of(503, "5.5.1 Error: send HELO/EHLO first")
+AUTH_LINE_TOO_LONG: Final = Reply.of(500, "5.5.6 Authentication exchange line is too long")
+#: RFC 4954 §4: the empty challenge (PLAIN without an initial response)
+AUTH_CONTINUE: Final = Reply.of(334, "")
+ASK_USERNAME: Final = Reply.of(334, "VXNlcm5hbWU6")  # base64 of "Username:"
+ASK_PASSWORD: Final = Reply.of(334, "UGFzc3dvcmQ6")  # base64 of "Password:"
 
 
 def unsupported_option(param: str) -> Reply:
@@ -147,15 +173,30 @@ class NamedReplies(Frozen):
 def named_replies(name: str, max_message_size: int) -> NamedReplies:
     """Build the name-bearing replies for a server called ``name``.
 
-    EHLO advertises the extensions of SPEC §4.1; SIZE carries the configured limit
-    (RFC 1870).
+    ``ehlo`` is the reply without STARTTLS or AUTH (see :func:`ehlo`).
     """
     return NamedReplies(
         greeting=Reply.of(220, f"{name} SMTP CS4410MP3"),
         helo=Reply.of(250, name),
-        ehlo=Reply.of(250, name, "PIPELINING", f"SIZE {max_message_size}", "8BITMIME", "SMTPUTF8"),
+        ehlo=ehlo(name, max_message_size, starttls=False, auth=False),
         too_many_connections=Reply.of(421, f"4.7.0 {name} Error: too many connections"),
         too_many_errors=Reply.of(421, f"4.7.0 {name} Error: too many errors"),
         timeout=Reply.of(421, f"4.4.2 {name} Error: timeout exceeded"),
         shutting_down=Reply.of(421, f"4.3.2 {name} Service shutting down"),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def ehlo(name: str, max_message_size: int, *, starttls: bool, auth: bool) -> Reply:
+    """The EHLO reply: the extensions of SPEC §4.1 and §8. ``starttls``: STARTTLS is
+    offered (configured, and not under TLS yet); ``auth``: AUTH can succeed now.
+
+    SIZE carries the configured limit (RFC 1870).
+    """
+    lines = [name, "PIPELINING", f"SIZE {max_message_size}", "8BITMIME", "SMTPUTF8"]
+    if starttls:
+        lines.append("STARTTLS")
+    if auth:
+        lines.append("AUTH PLAIN LOGIN")
+    lines += ["ENHANCEDSTATUSCODES", "HELP"]
+    return Reply(250, tuple(lines))

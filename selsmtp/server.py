@@ -32,12 +32,10 @@ Because deliveries happen here, in the loop, one at a time, nothing in the proce
 ever writes the mailbox concurrently: no lock is needed inside the process. The
 ``fcntl`` lock is for other processes.
 
-Deadlines sit in a heap with at most one entry per connection. A connection moves its
-own deadline later by changing an attribute; when an entry comes due early it is
-pushed again with the current value, so a busy connection costs no heap work. The
-entry of a connection that closes stays until it comes due; once such entries are
-the majority the heap is rebuilt without them, so a high rate of short connections
-does not keep thousands of dead ones alive for a whole timeout.
+Line deadlines live in :class:`~selsmtp.deadlines.Deadlines`. A connection sees the
+server only through the small ``Loop`` protocol of :mod:`selsmtp.connection`
+(``touched``, ``enqueue``, ``closed``, ``new_tls`` and three read-only attributes);
+neither writes the other's fields. The server's life cycle is one :class:`Phase`.
 
 Signals are not handled in the loop: the handler only sets a flag, and
 ``signal.set_wakeup_fd`` on a socketpair makes ``select`` return at once.
@@ -46,9 +44,9 @@ Signals are not handled in the loop: the handler only sets a flag, and
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import functools
-import heapq
 import logging
 import math
 import selectors
@@ -58,15 +56,18 @@ from collections.abc import Callable
 
 from selsmtp import logs, replies
 from selsmtp.config import Config
-from selsmtp.connection import NEVER, RECV_DATA, Connection
+from selsmtp.connection import RECV_DATA, Connection
+from selsmtp.deadlines import COMPACT_MIN, NEVER, Deadlines
 from selsmtp.session import Action, Deliver, Session
 from selsmtp.store import StoreError, open_store
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
+    import ssl
     from typing import BinaryIO, Final
 
     from selsmtp.durable import Store
+    from selsmtp.transport import TLSTransport
 
 log = logging.getLogger("selsmtp.server")
 
@@ -85,9 +86,7 @@ REFUSAL_LOG_INTERVAL: Final = 1.0
 SHUTDOWN_GRACE: Final = 2.0
 #: the longest wait while ``after_turn`` has work pending (log lines stderr did not take)
 AFTER_TURN_RETRY: Final = 0.1
-#: the deadline heap is rebuilt once it holds more than this many entries of closed
-#: connections and they are over half of it
-COMPACT_MIN: Final = 1024
+__all__ = ["COMPACT_MIN", "Phase", "Server", "format_address", "open_listener"]
 #: polls without waiting that a turn may add while it has finished messages to store
 #: (step 2 of the module docstring); none once the batch holds BATCH_POLL_MESSAGES
 #: messages, and only the first past BATCH_POLL_BYTES of message data: the fsync of
@@ -99,6 +98,15 @@ BATCH_POLL_MESSAGES: Final = 16
 BATCH_POLL_BYTES: Final = 64 * 1024
 
 Callback = Callable[[int, float], None]
+
+
+class Phase(enum.Enum):
+    """The server's life cycle; it only moves forward."""
+
+    RUNNING = enum.auto()  #: serving
+    STOP_REQUESTED = enum.auto()  #: a signal or request_stop(); the loop has not seen it yet
+    STOPPING = enum.auto()  #: not accepting; draining the batch, then closing the rest
+    STOPPED = enum.auto()  #: serve_forever returns
 
 
 class _Waiting:
@@ -166,19 +174,34 @@ class Server:
         self._clock = clock
         self._named = replies.named_replies(config.name, config.max_message_size)
         self._selector = selector or selectors.DefaultSelector()
+        self._tls_context: ssl.SSLContext | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            from selsmtp.credfiles import tls_context  # Why here: it imports ssl (slow)
+
+            self._tls_context = tls_context(config.tls_cert, config.tls_key)
         self._listener: socket.socket | None = open_listener(config.host, config.port)
         self.address = format_address(self._listener.getsockname())
+        #: the implicit-TLS listener (--tls-port), and the address it listens on
+        self._tls_listener: socket.socket | None = None
+        self.tls_address: str | None = None
         try:
+            if config.tls_port is not None:
+                self._tls_listener = open_listener(config.host, config.tls_port)
+                self.tls_address = format_address(self._tls_listener.getsockname())
             if store is None:
                 store = open_store(config)
         except BaseException:
             self._listener.close()
+            if self._tls_listener is not None:
+                self._tls_listener.close()
             raise
         self.store = store
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ, self._on_listener)
+        if self._tls_listener is not None:
+            self._selector.register(self._tls_listener, selectors.EVENT_READ, self._on_tls_listener)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self.connections: set[Connection] = set()
         #: connections whose selector interest may have changed in this turn
@@ -190,20 +213,26 @@ class Server:
         #: AFTER_TURN_RETRY before its next turn
         self.after_turn: Callable[[], bool] | None = None
         self._after_turn_pending = False
-        self._deadlines: list[tuple[float, Connection]] = []
-        self._dead_deadlines = 0  # entries in the heap whose connection is closed
+        self._deadlines = Deadlines()
         self._waiting: list[_Waiting] = []
         self._lock_retry_at = 0.0
         self._lock_retry_delay = LOCK_RETRY_MIN
         self._accept_paused_until: float | None = None
         self._refused = 0  # connections refused since the last log line about them
         self._refused_logged_at = -math.inf
-        self._stop_requested = False
-        self._stopping_since: float | None = None
-        self.stopped = False
+        self.phase = Phase.RUNNING
+        self._stopping_since = 0.0  # when STOPPING began
         self.delivered = 0
 
     # -- the loop ----------------------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        return self.phase is Phase.STOPPED
+
+    @property
+    def selector(self) -> selectors.BaseSelector:
+        return self._selector
 
     @property
     def wakeup_fd(self) -> int:
@@ -213,7 +242,7 @@ class Server:
     def serve_forever(self) -> None:
         """Run until stopped, then release every resource."""
         try:
-            while not self.stopped:
+            while self.phase is not Phase.STOPPED:
                 self.run_once()
         finally:
             self.close()
@@ -252,7 +281,7 @@ class Server:
         """Whether an extra poll may add to the batch: not while the lock is being
         waited for (it would not be stored), nor once a stop was asked for (the
         listener must accept no more)."""
-        return now >= self._lock_retry_at and not self._stop_requested
+        return now >= self._lock_retry_at and self.phase is Phase.RUNNING
 
     def _dispatch(self, ready: list[tuple[selectors.SelectorKey, int]], now: float) -> None:
         for key, mask in ready:
@@ -288,14 +317,14 @@ class Server:
             self._close_after_bug(conn)
 
     def _next_timeout(self, now: float) -> float | None:
-        if self._stop_requested and self._stopping_since is None:
+        if self.phase is Phase.STOP_REQUESTED:
             return 0
-        due = self._deadlines[0][0] if self._deadlines else NEVER
+        due = self._deadlines.next_due()
         if self._waiting:
             due = min(due, self._lock_retry_at)
         if self._accept_paused_until is not None:
             due = min(due, self._accept_paused_until)
-        if self._stopping_since is not None:
+        if self.phase is Phase.STOPPING:
             lock_limit = self._stopping_since + self.config.shutdown_lock_wait
             due = min(due, lock_limit if self._waiting else lock_limit + SHUTDOWN_GRACE)
         if self._after_turn_pending:
@@ -308,7 +337,9 @@ class Server:
 
     def request_stop(self) -> None:
         """Ask the loop to shut down gracefully. Safe from signal handlers and threads."""
-        self._stop_requested = True
+        # Why no lock: only this method leaves RUNNING, and only for STOP_REQUESTED.
+        if self.phase is Phase.RUNNING:
+            self.phase = Phase.STOP_REQUESTED
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
@@ -323,19 +354,19 @@ class Server:
             len(self.connections),
             len(self._waiting),
         )
+        self.phase = Phase.STOPPING
         self._stopping_since = now
         self._close_listener()
         for conn in list(self.connections):
             self._resolve(conn, conn.session.shut_down, now)
 
     def _maintain(self, now: float) -> None:
-        if self._dead_deadlines > COMPACT_MIN and 2 * self._dead_deadlines > len(self._deadlines):
-            self._compact_deadlines()
-        if self._stop_requested and self._stopping_since is None:
+        self._deadlines.compact()
+        if self.phase is Phase.STOP_REQUESTED:
             self._begin_shutdown(now)
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._resume_accepting()
-        if self._stopping_since is None:
+        if self.phase is not Phase.STOPPING:
             return
         elapsed = now - self._stopping_since
         if self._waiting and elapsed >= self.config.shutdown_lock_wait:
@@ -350,7 +381,7 @@ class Server:
             for conn in list(self.connections):
                 conn.close("shutdown")
         if not self.connections and not self._waiting:
-            self.stopped = True
+            self.phase = Phase.STOPPED
 
     def close(self) -> None:
         """Release the sockets, the selector and the mailbox."""
@@ -365,19 +396,27 @@ class Server:
         self.store.close()
 
     def _close_listener(self) -> None:
-        if self._listener is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._selector.unregister(self._listener)
-            self._listener.close()
-            self._listener = None
+        for listener in (self._listener, self._tls_listener):
+            if listener is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._selector.unregister(listener)
+                listener.close()
+        self._listener = self._tls_listener = None
 
     # -- accepting ---------------------------------------------------------------
 
     def _on_listener(self, mask: int, now: float) -> None:
         assert self._listener is not None
+        self._accept(self._listener, False, now)
+
+    def _on_tls_listener(self, mask: int, now: float) -> None:
+        assert self._tls_listener is not None
+        self._accept(self._tls_listener, True, now)
+
+    def _accept(self, listener: socket.socket, implicit_tls: bool, now: float) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, address = self._listener.accept()
+                sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -391,17 +430,18 @@ class Server:
                 self._refuse_connection(peer, now)
                 with contextlib.suppress(OSError):
                     sock.setblocking(False)
-                    sock.send(self._named.too_many_connections.wire)
+                    if not implicit_tls:  # Why: plaintext would only confuse a TLS client
+                        sock.send(self._named.too_many_connections.wire)
                 sock.close()
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             session = Session(self.config, new_spool=new_spool_file)
-            conn = Connection(self, sock, peer, session, now)
+            tls = self.new_tls() if implicit_tls else None
+            conn = Connection(self, sock, peer, session, now, tls)
             self.connections.add(conn)
             log.debug("connection from %s", peer)
             conn.start(now)
-            self.watch_deadline(conn)
 
     def _refuse_connection(self, peer: str, now: float) -> None:
         # Why rate-limited: a storm of connections must not become a storm of log lines.
@@ -423,72 +463,49 @@ class Server:
         if self._accept_paused_until is None and self._listener is not None:
             log.warning("accept failed (%s); not accepting until a connection closes", exc.strerror)
             self._selector.unregister(self._listener)
+            if self._tls_listener is not None:
+                self._selector.unregister(self._tls_listener)
         self._accept_paused_until = now + ACCEPT_PAUSE
 
     def _resume_accepting(self) -> None:
         self._accept_paused_until = None
         if self._listener is not None:
             self._selector.register(self._listener, selectors.EVENT_READ, self._on_listener)
+        if self._tls_listener is not None:
+            self._selector.register(self._tls_listener, selectors.EVENT_READ, self._on_tls_listener)
 
     # -- services for connections ------------------------------------------------
 
-    def rearm(self, conn: Connection, events: int) -> None:
-        """Make the selector watch ``events`` (0: nothing) on ``conn``'s socket."""
-        assert conn.sock is not None
-        if conn.events == 0:
-            self._selector.register(conn.sock, events, conn)
-        elif events == 0:
-            self._selector.unregister(conn.sock)
-        else:
-            self._selector.modify(conn.sock, events, conn)
+    def touched(self, conn: Connection) -> None:
+        """``conn`` changed: refresh its interest at the end of the turn, watch its deadline."""
+        self.dirty.add(conn)
+        self._deadlines.watch(conn)
 
-    def forget(self, conn: Connection, sock: socket.socket) -> None:
-        """``conn`` is closing: stop watching its socket."""
-        if conn.events:
-            self._selector.unregister(sock)
-            conn.events = 0
+    def closed(self, conn: Connection) -> None:
+        """``conn`` has closed its socket."""
         self.connections.discard(conn)
-        if conn.in_heap:
-            self._dead_deadlines += 1  # see _maintain
+        self._deadlines.forget(conn)  # see _maintain
         if self._accept_paused_until is not None:
             self._resume_accepting()
+
+    def new_tls(self) -> TLSTransport:
+        """A server-side TLS transport for a connection (STARTTLS or implicit TLS)."""
+        from selsmtp.transport import TLSTransport  # Why here: it imports ssl (slow)
+
+        assert self._tls_context is not None, "STARTTLS is only offered with a certificate"
+        return TLSTransport(self._tls_context)
 
     def enqueue(self, conn: Connection, deliver: Deliver, now: float) -> None:
         """A message is finished: store it at the end of this turn."""
         self._waiting.append(_Waiting(conn, deliver, now))
 
-    def watch_deadline(self, conn: Connection) -> None:
-        if not conn.in_heap and conn.deadline != NEVER and not conn.closed:
-            heapq.heappush(self._deadlines, (conn.deadline, conn))
-            conn.in_heap = True
-
-    def _compact_deadlines(self) -> None:
-        live = []
-        for entry in self._deadlines:
-            if entry[1].closed:
-                entry[1].in_heap = False
-            else:
-                live.append(entry)
-        heapq.heapify(live)
-        self._deadlines = live
-        self._dead_deadlines = 0
-
     def _expire_deadlines(self, now: float) -> None:
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, conn = heapq.heappop(heap)
-            conn.in_heap = False
-            if conn.closed:
-                self._dead_deadlines -= 1
-                continue
-            if conn.deadline <= now:
-                log.info("%s: no complete line in %.0f s", conn.peer, self.config.timeout)
-                try:
-                    conn.timed_out(now)
-                except Exception:
-                    self._close_after_bug(conn)
-            else:
-                self.watch_deadline(conn)  # moved later since it was pushed
+        for conn in self._deadlines.due(now):
+            log.info("%s: no complete line in %.0f s", conn.peer, self.config.timeout)
+            try:
+                conn.timed_out(now)
+            except Exception:
+                self._close_after_bug(conn)
 
     # -- storing -----------------------------------------------------------------
 

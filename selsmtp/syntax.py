@@ -33,6 +33,9 @@ class Verb(enum.Enum):
     NOOP = "NOOP"
     VRFY = "VRFY"
     QUIT = "QUIT"
+    HELP = "HELP"
+    STARTTLS = "STARTTLS"  # RFC 3207
+    AUTH = "AUTH"  # RFC 4954
 
     __hash__ = object.__hash__  # identity hashing: see State in session.py
 

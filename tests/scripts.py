@@ -23,10 +23,12 @@ from typing import Any, BinaryIO, Final, Literal, Protocol
 from selsmtp import replies
 from selsmtp.framing import Body
 from selsmtp.replies import Reply
-from selsmtp.session import Action, Close, Deliver, Envelope, Session, State
+from selsmtp.session import Action, Close, Deliver, Envelope, Session, StartTLS, State
 
 #: Where a ``Close`` action falls in the output of :func:`converse` (never valid SMTP).
 CLOSE_MARK: Final = b"<close>"
+#: Where a ``StartTLS`` action falls in the output of :func:`converse`.
+STARTTLS_MARK: Final = b"<starttls>"
 
 
 class MakeSession(Protocol):
@@ -87,13 +89,16 @@ class FakeStore:
 
 
 def render(actions: Iterable[Action]) -> bytes:
-    """Replies as wire bytes and ``Close`` as :data:`CLOSE_MARK`; no ``Deliver`` allowed."""
+    """Replies as wire bytes, ``Close`` as :data:`CLOSE_MARK` and ``StartTLS`` as
+    :data:`STARTTLS_MARK`; no ``Deliver`` allowed."""
     out = bytearray()
     for action in actions:
         if isinstance(action, Reply):
             out += action.wire
         elif isinstance(action, Close):
             out += CLOSE_MARK
+        elif isinstance(action, StartTLS):
+            out += STARTTLS_MARK
         else:
             raise AssertionError(f"unexpected action {action!r}")
     return bytes(out)

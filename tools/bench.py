@@ -114,6 +114,7 @@ class Case:
     keep_open: bool = True
     pipelining: bool = False
     smtp_source: bool = True  # smtp-source can drive it (it has no pipelining)
+    tls: bool = False  # STARTTLS with the test certificate (selsmtp and aiosmtpd only)
 
 
 CASES: tuple[Case, ...] = (
@@ -123,7 +124,16 @@ CASES: tuple[Case, ...] = (
     Case("conn20", "1 KiB, one connection per message, 20 clients", 1024, 20, 5000, False),
     Case("big20", "100 KiB, 20 kept-open sessions", 102400, 20, 1500),
     Case("pipe20", "1 KiB, 20 pipelined sessions", 1024, 20, 10000, True, True, False),
-)
+    Case("tls200", "1 KiB, 200 kept-open STARTTLS sessions", 1024, 200, 20000,
+         smtp_source=False, tls=True),
+    Case("tlsconn20", "1 KiB, one STARTTLS connection per message, 20 clients", 1024, 20,
+         3000, False, smtp_source=False, tls=True),
+)  # fmt: skip
+#: the certificate the TLS cases give every server that can do TLS
+TLS_CERT = TOOLS.parent / "tests" / "certs" / "server.pem"
+TLS_KEY = TOOLS.parent / "tests" / "certs" / "server.key"
+#: the servers that can run the TLS cases
+TLS_SERVERS = ("selsmtp", "selsmtp-nofsync", "aiosmtpd")
 CASE_KEYS = {case.key: case for case in CASES}
 
 #: key -> label; the order of the table's columns
@@ -175,6 +185,8 @@ RATIO_TARGETS = (
     RatioTarget("big20", "aiosmtpd", 5.0),
     RatioTarget("big20", "smtp-sink", 1.2),
     RatioTarget("ka200", "selsmtp-nofsync", 0.9),  # durable within 10% of --no-fsync
+    RatioTarget("tls200", "aiosmtpd", 4.0),
+    RatioTarget("tlsconn20", "aiosmtpd", 1.5),  # mostly the RSA handshake, in any server
 )
 CPU_TARGET_CASES = ("ka1", "ka20", "ka200")  # 1 KiB, kept open
 CPU_TARGET = 1.0  # seconds per 10,000 messages, at most
@@ -352,8 +364,13 @@ class Server:
 
 
 def server_command(
-    ctx: Context, key: str, port: int, folder: Path, name: str, idle: int
+    ctx: Context, key: str, port: int, folder: Path, name: str, idle: int, tls: bool = False
 ) -> list[str]:
+    if tls:
+        if key not in TLS_SERVERS:
+            raise BenchError(f"{key} has no TLS here")
+        tls_args = ["--tls-cert", str(TLS_CERT), "--tls-key", str(TLS_KEY)]
+        return [*server_command(ctx, key, port, folder, name, idle), *tls_args]
     mailbox = str(folder / ("dump" if key == "smtp-sink" else "mailbox"))
     if key in ("selsmtp", "selsmtp-nofsync", "selsmtp-warning"):
         command = [ctx.python, "-m", "selsmtp", "--host", HOST, "--port", str(port)]
@@ -390,7 +407,9 @@ def server_folder(ctx: Context) -> Path:
     return folder
 
 
-def start_server(ctx: Context, key: str, folder: Path, *, idle: int = 0) -> Server:
+def start_server(
+    ctx: Context, key: str, folder: Path, *, idle: int = 0, tls: bool = False
+) -> Server:
     """Start a server and wait for its greeting; tries other ports if one is taken."""
     problem = ""
     for _attempt in range(3):
@@ -399,7 +418,7 @@ def start_server(ctx: Context, key: str, folder: Path, *, idle: int = 0) -> Serv
         log_path = folder / f"{key}.log"
         with open(log_path, "ab") as log:
             proc = ctx.procs.start(
-                server_command(ctx, key, port, folder, name, idle),
+                server_command(ctx, key, port, folder, name, idle, tls),
                 cpu=ctx.server_cpu,
                 cwd=ctx.root,
                 stdout=log,
@@ -487,6 +506,8 @@ def run_flood(ctx: Context, case: Case, server: Server, rep: int, total: int) ->
         command.append("--keep-open")
     if case.pipelining:
         command.append("--pipelining")
+    if case.tls:
+        command.append("--starttls")
     if server.key != "smtp-sink":  # a cs4410 mailbox: flood checks every record
         command += ["--mailbox", str(server.mailbox)]
     proc = ctx.procs.start(
@@ -596,7 +617,7 @@ def load_run(ctx: Context, case: Case, client: str, key: str, rep: int) -> dict[
     }
     folder = server_folder(ctx)
     try:
-        server = start_server(ctx, key, folder)
+        server = start_server(ctx, key, folder, tls=case.tls)
         try:
             cpu_before = proc_cpu(server.proc.pid)
             result = run_client(ctx, case, client, server, rep)

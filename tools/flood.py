@@ -17,6 +17,9 @@ a new one while it still has messages to send. Every wait for a reply is bounded
 ``--timeout``, every client by ``--messages``, and the start of new messages by
 ``--duration``, so a run always ends.
 
+With ``--tls`` or ``--starttls`` each connection runs its TLS on memory buffers
+(``ssl.MemoryBIO``) inside the same loop; ``--auth USER:PASS`` adds AUTH PLAIN.
+
 ``--processes P`` forks P such loops and spreads the clients over them; their results
 are merged. Bodies are built from one pre-generated filler buffer by slicing, so no
 per-byte Python loop runs anywhere: ``bytes.replace`` does the CRLF and dot-stuffing
@@ -53,6 +56,7 @@ Exit status: 0 if every reply was the one expected and every check passed, 1 if 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import errno
@@ -68,6 +72,7 @@ import re
 import resource
 import selectors
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -84,6 +89,10 @@ from selsmtp.argtypes import fraction, non_negative_int, port_number, positive_f
 
 Reply = tuple[int, bytes]  # (code, the whole reply with its line ends); code 0: closed
 Conversation = Generator[bytes, Reply, None]
+#: yielded by a conversation after the 220 to STARTTLS: run the handshake, then resume
+#: the conversation with TLS_UP (compared by identity, never sent)
+STARTTLS_NOW = b"<starttls>"
+TLS_UP: Reply = (220, b"TLS handshake done")
 
 EOF_REPLY: Reply = (0, b"")  # the server closed the connection; b"" or why
 TIMEOUT_REPLY: Reply = (-2, b"(no reply in time)")
@@ -192,6 +201,9 @@ class Options:
     save: str | None
     verify_only: str | None
     progress: bool
+    tls: bool = False  # implicit TLS from the first byte (point --port at --tls-port)
+    starttls: bool = False  # STARTTLS after EHLO, then EHLO again
+    auth: tuple[str, str] | None = None  # AUTH PLAIN with this user and password
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -280,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="K more clients that go idle after the greeting and must get 421 (timeout)",
     )
+    add("--tls", action="store_true", help="implicit TLS (point --port at selsmtp's --tls-port)")
+    add("--starttls", action="store_true", help="say STARTTLS after EHLO, then EHLO again")
+    add("--auth", default=None, metavar="USER:PASS", help="AUTH PLAIN after EHLO")
     add("--mailbox", default=None, help="check this mailbox after the run")
     add(
         "--format",
@@ -318,6 +333,14 @@ def parse_options(argv: Sequence[str] | None) -> Options:
             )
     elif args.mailbox is None and not _saved_mailbox(args.verify_only):
         parser.error("--verify-only needs --mailbox (or a saved file that names one)")
+    if args.tls and args.starttls:
+        parser.error("--tls and --starttls exclude each other")
+    auth = None
+    if args.auth is not None:
+        user, colon, password = args.auth.partition(":")
+        if not colon or not user:
+            parser.error("--auth takes USER:PASS")
+        auth = (user, password)
     size_min, size_max = args.size
     split_clients = args.clients if args.split_clients is None else args.split_clients
     return Options(
@@ -344,6 +367,9 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         save=args.save,
         verify_only=args.verify_only,
         progress=sys.stderr.isatty(),
+        tls=args.tls,
+        starttls=args.starttls,
+        auth=auth,
     )
 
 
@@ -464,6 +490,9 @@ class Client:
         "sock",
         "split",
         "streak",
+        "tls",
+        "tls_bios",
+        "tls_resume",
     )
 
     def __init__(self, index: int, messages: int, *, slow: bool, split: str) -> None:
@@ -481,6 +510,9 @@ class Client:
         self.deadline = math.inf
         self.sent_at = 0.0  # when the last byte queued so far was handed to the kernel
         self.streak = 0  # connections in a row that got no 220 greeting
+        self.tls: ssl.SSLObject | None = None  # once TLS has begun on this connection
+        self.tls_bios: tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None = None  # (in, out)
+        self.tls_resume = False  # the handshake came from STARTTLS: resume the conversation
 
 
 class Worker:
@@ -499,6 +531,10 @@ class Worker:
         self.rng = random.Random(opts.seed * 1_000_003 + worker)
         self.messages = MessageFactory(opts, self.rng, run_id)
         self.selector = selectors.DefaultSelector()
+        # A load tool, not a mail client: the server's certificate is not checked.
+        self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.tls_context.check_hostname = False
+        self.tls_context.verify_mode = ssl.CERT_NONE
         family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
         self.family = family
         self.address = socket.getaddrinfo(opts.host, opts.port, family, socket.SOCK_STREAM)[0][4]
@@ -572,6 +608,26 @@ class Worker:
         if not self.expect(client, reply, 250, "EHLO"):
             self._lose_slot(client)
             return
+        if opts.starttls:
+            reply = yield b"STARTTLS\r\n"
+            if not self.expect(client, reply, 220, "STARTTLS"):
+                self._lose_slot(client)
+                return
+            reply = yield STARTTLS_NOW
+            if not self.expect(client, reply, 220, "the TLS handshake"):
+                self._lose_slot(client)
+                return
+            reply = yield f"EHLO {helo}\r\n".encode()
+            if not self.expect(client, reply, 250, "EHLO after STARTTLS"):
+                self._lose_slot(client)
+                return
+        if opts.auth is not None:
+            user, password = opts.auth
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            reply = yield f"AUTH PLAIN {token}\r\n".encode()
+            if not self.expect(client, reply, 235, "AUTH PLAIN"):
+                self._lose_slot(client)
+                return
         extensions = {
             line[4:].split(b" ", 1)[0].strip().upper() for line in reply[1].split(b"\n")[1:]
         }
@@ -699,12 +755,40 @@ class Worker:
         self.selector.register(sock, selectors.EVENT_READ, client)
         if err not in (0, errno.EINPROGRESS):
             self.feed(client, (0, f"connect failed: {os.strerror(err)}".encode()))
+        elif self.opts.tls:
+            self._start_tls(client, resume=False)
+
+    def _start_tls(self, client: Client, *, resume: bool) -> None:
+        """Begin a TLS handshake on the client's connection (its ClientHello is queued)."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client.tls = self.tls_context.wrap_bio(incoming, outgoing)
+        client.tls_bios = (incoming, outgoing)
+        client.tls_resume = resume
+        self._handshake(client)
+
+    def _handshake(self, client: Client) -> bool:
+        """Advance the handshake; True once done (False too after a failure, which
+        has ended the conversation)."""
+        assert client.tls is not None and client.tls_bios is not None
+        try:
+            client.tls.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        except ssl.SSLError as exc:
+            self.feed(client, (0, f"TLS handshake failed: {exc.reason or exc}".encode()))
+            return False
+        hello = client.tls_bios[1].read()
+        if hello:
+            self._queue(client, hello)
+        return done
 
     def close(self, client: Client) -> None:
         sock = client.sock
         if sock is None:
             return
         client.sock = None
+        client.tls = client.tls_bios = None
         if client.conversation is not None:
             client.conversation.close()
             client.conversation = None
@@ -737,10 +821,18 @@ class Worker:
             self.close(client)
             return
         client.deadline = self.now + self.opts.timeout
-        if out:
+        if out is STARTTLS_NOW:
+            self._start_tls(client, resume=True)
+        elif out:
             self.send(client, out)
 
     def send(self, client: Client, data: bytes) -> None:
+        if client.tls is not None and client.tls_bios is not None:
+            client.tls.write(data)
+            data = client.tls_bios[1].read()
+        self._queue(client, data)
+
+    def _queue(self, client: Client, data: bytes) -> None:
         if client.out:
             data = bytes(client.out[client.out_offset :]) + data
         client.out = data
@@ -799,7 +891,13 @@ class Worker:
         except OSError as exc:
             self.feed(client, (0, f"recv failed: {exc.strerror or exc}".encode()))
             return
-        if not data:
+        ended = not data
+        if client.tls is not None:
+            decrypted = self._decrypt(client, data)
+            if decrypted is None:
+                return
+            data, ended = decrypted
+        if ended and not data:
             self.feed(client, EOF_REPLY)
             return
         rbuf = client.rbuf
@@ -811,6 +909,44 @@ class Worker:
                 break
             codes[reply[0]] += 1
             self.feed(client, reply)
+        if ended and client.sock is sock:
+            self.feed(client, EOF_REPLY)
+
+    def _decrypt(self, client: Client, data: bytes) -> tuple[bytes, bool] | None:
+        """Ciphertext in; the plaintext and whether the stream ended, or None when
+        there is nothing more to do with it (handshake under way, or failed)."""
+        tls, bios = client.tls, client.tls_bios
+        assert tls is not None and bios is not None
+        if data:
+            bios[0].write(data)
+        else:
+            bios[0].write_eof()
+        if tls.version() is None:  # still shaking hands
+            if not self._handshake(client) or client.sock is None:
+                return None
+            if tls.version() is None:
+                if not data:
+                    self.feed(client, EOF_REPLY)
+                return None
+            if client.tls_resume:
+                client.tls_resume = False
+                self.feed(client, TLS_UP)
+                if client.sock is None:
+                    return None
+        chunks = []
+        while True:
+            try:
+                chunk = tls.read(RECV_SIZE)
+            except ssl.SSLWantReadError:
+                return b"".join(chunks), False
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b"".join(chunks), True
+            except ssl.SSLError as exc:
+                self.feed(client, (0, f"TLS failed: {exc.reason or exc}".encode()))
+                return None
+            if not chunk:
+                return b"".join(chunks), True
+            chunks.append(chunk)
 
     def prebuild(self) -> None:
         """Build the first messages of every client now, before the clock starts."""

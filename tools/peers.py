@@ -87,8 +87,17 @@ def run_aiosmtpd(args: argparse.Namespace, mailbox: Mailbox) -> None:
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
+        options: dict[str, Any] = {}
+        if args.tls_cert:
+            import ssl
+
+            # The same settings as selsmtp's: TLS 1.2 or newer, the same certificate.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+            options = {"tls_context": context, "require_starttls": True}
         server = await loop.create_server(
-            lambda: SMTP(Handler(), hostname=args.name, enable_SMTPUTF8=True),
+            lambda: SMTP(Handler(), hostname=args.name, enable_SMTPUTF8=True, **options),
             host=args.host,
             port=args.port,
             backlog=1024,
@@ -155,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mailbox", required=True)
     parser.add_argument("--name", default="peer")
     parser.add_argument("--no-fsync", action="store_true", help="skip the fsync (unsafe)")
+    parser.add_argument("--tls-cert", help="aiosmtpd: offer STARTTLS (and require it)")
+    parser.add_argument("--tls-key")
     args = parser.parse_args(argv)
     mailbox = Mailbox(args.mailbox, args.name, fsync=not args.no_fsync)
     try:

@@ -42,7 +42,11 @@ PATTERN: Final = (
     rb"Return-Path: [^\n]*\nReceived: [^\n]*\n(?:[ \t][^\n]*\n)*X-Selsmtp-Number: (\d{1,18})\n"
 )
 TRACE: Final = re.compile(PATTERN + rb"((?:X-Original-To: [^\n]*\n)*)")
-_RECEIVED: Final = re.compile(rb"Received: from (\S+) by (.+) \(CS4410MP3\);(.*)", re.DOTALL)
+#: the Received: line, unfolded; its ``with`` clause (SPEC §8, where a user name may
+#: hold a ``;``) is skipped, and the date follows the last ``;``
+_RECEIVED: Final = re.compile(
+    rb"Received: from (\S+) by (\S+) \(CS4410MP3\)(?:\s*with .*)?;([^;]*)", re.DOTALL
+)
 
 
 class Stored(Frozen):
@@ -106,15 +110,41 @@ def dates(now: float) -> tuple[str, str]:
 
 
 def header(number: int, envelope: Envelope, server_name: str, now: float) -> bytes:
-    """The header lines selsmtp puts above the client's message (SPEC §5.2, §7)."""
+    """The header lines selsmtp puts above the client's message (SPEC §5.2, §7).
+
+    A message that came under TLS or after AUTH says so in its ``Received:`` line
+    (SPEC §8): ``with ESMTPS``, ``ESMTPA`` or ``ESMTPSA`` (RFC 3848), the TLS version
+    and cipher, and the user.
+    """
+    received = f"Received: from {envelope.helo_name} by {server_name} (CS4410MP3)"
+    if envelope.tls is None and envelope.auth_user is None:
+        received += ";\n"
+    else:
+        received += "\n" + received_with(envelope.tls, envelope.auth_user)
     recipients = "".join(f"X-Original-To: {to}\n" for to in envelope.forward_paths)
     return (
-        f"Return-Path: <{envelope.reverse_path}>\n"
-        f"Received: from {envelope.helo_name} by {server_name} (CS4410MP3);\n"
-        f"\t{dates(now)[1]}\n"
-        f"X-Selsmtp-Number: {number}\n"
-        f"{recipients}"
+        f"Return-Path: <{envelope.reverse_path}>\n{received}\t{dates(now)[1]}\n"
+        f"X-Selsmtp-Number: {number}\n{recipients}"
     ).encode()
+
+
+def received_with(tls: str | None, auth_user: str | None) -> str:
+    """The ``with`` clause of a Received: line, folded, ending in ``;`` and LF."""
+    protocol = "ESMTP" + ("S" if tls else "") + ("A" if auth_user is not None else "")
+    clause = f"\twith {protocol}"
+    if tls is not None:
+        clause += f" ({tls})"  # OpenSSL's names: printable, no parentheses
+    if auth_user is not None:
+        # Why: the user name is the client's bytes; a CR, LF or parenthesis in it
+        # must not end the header or the comment.
+        user = _COMMENT_UNSAFE.sub("?", auth_user)
+        clause += "\n\t" if tls is not None else " "
+        clause += f"(authenticated user {user})"
+    return clause + ";\n"
+
+
+#: what may not appear inside a header comment as selsmtp writes it
+_COMMENT_UNSAFE: Final = re.compile(r"[^\x21-\x27\x2a-\x5b\x5d-\x7e]")
 
 
 def parse(data: bytes, start: int, end: int) -> tuple[Stored, int] | None:

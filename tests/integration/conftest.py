@@ -255,7 +255,8 @@ def greeting() -> bytes:
 
 def ehlo_reply(max_size: int = 33_554_432) -> bytes:
     return (
-        f"250-{NAME}\r\n250-PIPELINING\r\n250-SIZE {max_size}\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
+        f"250-{NAME}\r\n250-PIPELINING\r\n250-SIZE {max_size}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n"
+        "250-ENHANCEDSTATUSCODES\r\n250 HELP\r\n"
     ).encode()
 
 

@@ -21,6 +21,8 @@ import pytest
 
 from selsmtp import reader
 
+from .tls import CERT, KEY
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FLOOD = REPO_ROOT / "tools" / "flood.py"
 #: generous bound for one flood run; the runs here take well under a second
@@ -352,3 +354,31 @@ def test_flood_runs_as_a_script_from_anywhere(tmp_path: Path) -> None:
     )
     assert done.returncode == 0
     assert b"--verify-only" in done.stdout
+
+
+# -- TLS and AUTH ----------------------------------------------------------------
+
+
+def test_starttls_and_auth(start_process: Callable[..., SelsmtpProcess]) -> None:
+    server = start_process("--tls-cert", str(CERT), "--tls-key", str(KEY), "--auth", "any")
+    status, report = flood_against(
+        server, "--starttls", "--auth", "flood:pw", "--clients", "4", "--messages", "3",
+        "--keep-open", "--split", "random",
+    )  # fmt: skip
+    assert_clean(status, report, 12)
+    assert report["replies"]["220"] == 8  # the greeting and the 220 to STARTTLS
+    assert report["replies"]["235"] == 4
+
+
+def test_implicit_tls(start_process: Callable[..., SelsmtpProcess]) -> None:
+    server = start_process("--tls-cert", str(CERT), "--tls-key", str(KEY), "--tls-port", "0")
+    assert server.process.stdout is not None
+    second = server.process.stdout.readline().decode()
+    assert second.startswith("selsmtp tls listening on "), second
+    tls_port = second.rpartition(":")[2].strip()
+    status, report, _ = flood(
+        "--port", tls_port, "--mailbox", server.mailbox, "--tls", "--clients", "4",
+        "--messages", "3", "--pipelining",
+    )  # fmt: skip
+    assert_clean(status, report, 12)
+    assert report["connections"] == 12

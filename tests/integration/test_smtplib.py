@@ -29,6 +29,8 @@ def test_ehlo_advertises_the_extensions(smtp: smtplib.SMTP) -> None:
         b"SIZE 33554432",
         b"8BITMIME",
         b"SMTPUTF8",
+        b"ENHANCEDSTATUSCODES",
+        b"HELP",
     ]
     assert smtp.has_extn("pipelining")
     assert smtp.esmtp_features["size"] == "33554432"

@@ -114,6 +114,43 @@ def test_a_record_is_from_line_trace_header_message_and_a_blank_line() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("tls", "user", "via"),
+    [
+        ("TLSv1.3 with cipher TLS_AES_256_GCM_SHA384", None,
+         b"\twith ESMTPS (TLSv1.3 with cipher TLS_AES_256_GCM_SHA384);\n"),
+        ("TLSv1.2 with cipher ECDHE-RSA-AES128-GCM-SHA256", "alice",
+         b"\twith ESMTPSA (TLSv1.2 with cipher ECDHE-RSA-AES128-GCM-SHA256)\n"
+         b"\t(authenticated user alice);\n"),
+        (None, "bob", b"\twith ESMTPA (authenticated user bob);\n"),
+        (None, "evil\r\nX-Injected: 1 (x)\\",
+         b"\twith ESMTPA (authenticated user evil??X-Injected:?1??x??);\n"),
+    ],
+    ids=["tls", "tls-and-auth", "auth", "hostile-user"],
+)  # fmt: skip
+def test_the_received_line_notes_tls_and_the_authenticated_user(
+    tls: str | None, user: str | None, via: bytes
+) -> None:
+    envelope = Envelope("client.test", "alice@example.org", ("bob@example.net",), tls, user)
+    header = trace(7, envelope)
+    assert header == (
+        b"Return-Path: <alice@example.org>\n"
+        b"Received: from client.test by mx.test (CS4410MP3)\n"
+        + via
+        + b"\tTue, 14 Nov 2023 22:13:20 +0000\n"
+        b"X-Selsmtp-Number: 7\n"
+        b"X-Original-To: bob@example.net\n"
+    )
+    # and the readers see through the with clause to the names and the date
+    parsed = formats.trace.parse(header, 0, len(header))
+    assert parsed is not None
+    stored, end = parsed
+    assert end == len(header)
+    assert (stored.number, stored.helo_name, stored.server_name) == (7, "client.test", "mx.test")
+    assert stored.date == datetime(2023, 11, 14, 22, 13, 20, tzinfo=timezone.utc)
+    assert stored.recipients == ("bob@example.net",)
+
+
 def test_the_null_sender_is_mailer_daemon_in_the_from_line_and_empty_in_return_path() -> None:
     envelope = Envelope("c", "", ("postmaster@x",))
     data = record(1, b"x\r\n", envelope)

@@ -33,6 +33,30 @@ FIXED = [
     (replies.TOO_MANY_RECIPIENTS, b"452 4.5.3 Error: too many recipients\r\n"),
     (replies.WRITE_ERROR, b"451 4.3.0 Error: queue file write error\r\n"),
     (replies.MAILBOX_BUSY, b"451 4.3.0 Error: mailbox busy, try again later\r\n"),
+    (replies.HELP, b"214 2.0.0 See RFC 5321 and https://www.rfc-editor.org\r\n"),
+    # SPEC §8
+    (replies.READY_FOR_TLS, b"220 2.0.0 Ready to start TLS\r\n"),
+    (replies.STARTTLS_SYNTAX, b"501 5.5.4 Syntax: STARTTLS\r\n"),
+    (replies.TRANSACTION_IN_PROGRESS, b"503 5.5.1 Error: MAIL transaction in progress\r\n"),
+    (replies.TLS_ALREADY_ACTIVE, b"503 5.5.1 Error: TLS already active\r\n"),
+    (replies.MUST_STARTTLS, b"530 5.7.0 Must issue a STARTTLS command first\r\n"),
+    (replies.AUTH_REQUIRED, b"530 5.7.0 Authentication required\r\n"),
+    (
+        replies.ENCRYPTION_REQUIRED,
+        b"538 5.7.11 Encryption required for requested authentication mechanism\r\n",
+    ),
+    (replies.AUTH_OK, b"235 2.7.0 Authentication successful\r\n"),
+    (replies.AUTH_FAILED, b"535 5.7.8 Error: authentication failed\r\n"),
+    (replies.AUTH_ABORTED, b"501 5.7.0 Authentication aborted\r\n"),
+    (replies.BAD_BASE64, b"501 5.5.2 Error: invalid base64\r\n"),
+    (replies.AUTH_SYNTAX, b"501 5.5.4 Syntax: AUTH mechanism\r\n"),
+    (replies.AUTH_MECHANISM, b"504 5.5.4 Error: unsupported authentication mechanism\r\n"),
+    (replies.ALREADY_AUTHENTICATED, b"503 5.5.1 Error: already authenticated\r\n"),
+    (replies.AUTH_NEEDS_EHLO, b"503 5.5.1 Error: send HELO/EHLO first\r\n"),
+    (replies.AUTH_LINE_TOO_LONG, b"500 5.5.6 Authentication exchange line is too long\r\n"),
+    (replies.AUTH_CONTINUE, b"334 \r\n"),
+    (replies.ASK_USERNAME, b"334 VXNlcm5hbWU6\r\n"),
+    (replies.ASK_PASSWORD, b"334 UGFzc3dvcmQ6\r\n"),
 ]
 
 
@@ -56,7 +80,8 @@ NAMED = [
     ("helo", b"250 test.example\r\n"),
     (
         "ehlo",
-        b"250-test.example\r\n250-PIPELINING\r\n250-SIZE 1024\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n",
+        b"250-test.example\r\n250-PIPELINING\r\n250-SIZE 1024\r\n250-8BITMIME\r\n"
+        b"250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250 HELP\r\n",
     ),
     ("too_many_connections", b"421 4.7.0 test.example Error: too many connections\r\n"),
     ("too_many_errors", b"421 4.7.0 test.example Error: too many errors\r\n"),

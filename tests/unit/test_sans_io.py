@@ -12,7 +12,7 @@ import selsmtp
 
 PACKAGE = Path(selsmtp.__file__).parent
 
-PURE_MODULES = ["session", "framing", "syntax", "replies", "formats", "config", "frozen"]
+PURE_MODULES = ["session", "framing", "syntax", "replies", "formats", "config", "frozen", "auth"]
 #: the files of the pure modules (a package is its __init__ and its modules)
 PURE_FILES = [m for m in PURE_MODULES if m != "formats"] + [
     f"formats/{name}" for name in ("__init__", "cs4410", "mbox", "maildir", "trace", "lines")

@@ -76,7 +76,8 @@ def test_helo_is_answered_with_the_server_name(make_session: MakeSession) -> Non
 
 def test_ehlo_lists_pipelining_size_8bitmime_and_smtputf8(make_session: MakeSession) -> None:
     assert transcript(make_session, b"EHLO client.example\r\n").output == (
-        b"250-test.example\r\n250-PIPELINING\r\n250-SIZE 1024\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
+        b"250-test.example\r\n250-PIPELINING\r\n250-SIZE 1024\r\n250-8BITMIME\r\n"
+        b"250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250 HELP\r\n"
     )
 
 
