@@ -239,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_handler.writer.flush()
     try:
         server.serve_forever()
-        log.info("stopped; %d messages delivered", server.delivered)
+        count = server.delivered
+        log.info("stopped; %d message%s delivered", count, "" if count == 1 else "s")
     finally:
         log_handler.writer.drain(EXIT_DRAIN)
     return 0

@@ -271,6 +271,7 @@ def test_logs_go_to_stderr_one_line_per_delivery(
     assert len(deliveries) == 2
     assert "delivered message 1 from <a@example.org>" in deliveries[0]
     assert "delivered message 2 from <c@example.org>" in deliveries[1]
+    assert err.splitlines()[-1].endswith("stopped; 2 messages delivered")
 
 
 def test_a_second_instance_continues_the_numbers(
