@@ -14,7 +14,8 @@ from selsmtp import __version__, logs
 from selsmtp.argtypes import host_name, line_timeout, port_number, positive_float, positive_int
 from selsmtp.config import FORMATS, MAX_TIMEOUT, ROTATING_FORMATS, Config, host_name_problem
 from selsmtp.credfiles import load_credentials
-from selsmtp.server import Server, format_address
+from selsmtp.listeners import format_address
+from selsmtp.server import Server
 from selsmtp.store import StartupError
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py

@@ -128,6 +128,10 @@ class Connection:
     def closed(self) -> bool:
         return self.sock is None
 
+    def stored(self) -> None:
+        """One of this client's messages was stored (counted for the closing log line)."""
+        self.messages += 1
+
     def start(self, now: float) -> None:
         if self._greet:
             self._update()  # implicit TLS: read the ClientHello first

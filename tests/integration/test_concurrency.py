@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from selsmtp.config import Config
-from selsmtp.server import BATCH_POLL_BYTES, BATCH_POLL_MESSAGES
+from selsmtp.deliveries import BATCH_POLL_BYTES, BATCH_POLL_MESSAGES
 from selsmtp.session import Deliver
 from selsmtp.store import open_store
 

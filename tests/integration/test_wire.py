@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from selsmtp.server import COMPACT_MIN
+from selsmtp.deadlines import COMPACT_MIN
 
 from .conftest import (
     HELO,
