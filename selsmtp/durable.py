@@ -146,6 +146,25 @@ def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
     return fd
 
 
+def open_readable(path: str) -> int:
+    """Open the regular file at ``path`` read-only for a reader, as a raw descriptor.
+
+    The readers' counterpart of :func:`open_regular`: a symbolic link a user made is
+    followed (a reader writes nothing), but opening never blocks on a FIFO or a device
+    (``O_NONBLOCK``), and ``fstat`` must show a regular file, else
+    :class:`NotRegularFile`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(errno.EINVAL, describe(st.st_mode), path)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def fsync_directory(path: str) -> None:
     """Make a new directory entry durable (a created file survives a crash)."""
     fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -376,6 +395,65 @@ class State:
 
 #: how many numbers each version of the state line holds
 _FIELDS: Final = {"1": 5, "2": 6, "3": 8, "4": 8}
+
+
+#: The state file of the mailbox ``PATH`` is ``PATH`` + this (:class:`StateFile`).
+STATE_SUFFIX: Final = ".selsmtp"
+#: How much of the file :func:`pending_verdict` reads at a pending batch's offset.
+HEAD_BYTES: Final = 4096
+
+
+def pending_verdict(
+    state: State,
+    st: os.stat_result,
+    rebooted: bool,
+    read_at: Callable[[int], bytes],
+    number_pattern: re.Pattern[bytes],
+) -> str:
+    """The crash rule (SPEC §7): what to do with the batch ``state`` names as pending
+    in the mailbox file whose ``fstat`` is ``st``. The one copy of the rule, used by
+    the store at start-up and by every reader under the shared lock.
+
+    ``rebooted``: the machine restarted since the line was written (so the line may be
+    older than the file); ``read_at(offset)``: up to :data:`HEAD_BYTES` of the file
+    from ``offset``; ``number_pattern``: the format's record-head number. Returns
+
+    * ``"none"``: no batch of ours is pending in this file (none named, the file was
+      replaced, or it ends at or before the batch's start);
+    * ``"whole"``: after a reboot, every byte of the batch is in the file; its fsync
+      may have finished and its 250 gone out: keep it, committed up to ``state.end``;
+    * ``"not-ours"``: after a reboot, no record head of ours begins at the offset (the
+      file was emptied and written again since): keep everything;
+    * ``"appended"``: the file reaches past where the batch would end: another
+      program appended after it, and cutting would destroy its bytes: keep them;
+    * ``"cut"``: the bytes from ``state.pending`` on are our torn batch: cut them
+      (readers hide them).
+    """
+    if state.pending < 0:
+        return "none"
+    if (st.st_dev, st.st_ino) != (state.dev, state.ino) or st.st_size <= state.pending:
+        return "none"
+    if rebooted:
+        if state.pending <= state.end <= st.st_size:
+            return "whole"
+        if not _record_head(read_at(state.pending), state.number, number_pattern):
+            return "not-ours"
+    if 0 <= state.end < st.st_size:
+        return "appended"
+    return "cut"
+
+
+def _record_head(head: bytes, last: int, number_pattern: re.Pattern[bytes]) -> bool:
+    """True if ``head`` begins one of our records numbered at most ``last`` (after the
+    one or two LFs the store may write before a record to reach a record boundary),
+    or a header cut short before its number or its end."""
+    stripped = head.lstrip(b"\n")
+    if len(head) - len(stripped) <= 2:
+        head = stripped
+    found = number_pattern.search(head)
+    if found is None:
+        return b"\n\n" not in head
+    return b"\n" not in head[: found.start()] and int(found.group(1)) <= last
 
 
 def is_blank(data: bytes) -> bool:
