@@ -165,6 +165,18 @@ def open_readable(path: str) -> int:
     return fd
 
 
+def read_regular(path: str) -> bytes:
+    """All of the regular file at ``path``, opened with :func:`open_readable`."""
+    fd = open_readable(path)
+    try:
+        pieces = []
+        while piece := os.read(fd, 1 << 20):
+            pieces.append(piece)
+        return b"".join(pieces)
+    finally:
+        os.close(fd)
+
+
 def fsync_directory(path: str) -> None:
     """Make a new directory entry durable (a created file survives a crash)."""
     fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -33,6 +33,7 @@ from types import FrameType
 from typing import Any, Final
 
 from selsmtp import formats, reader
+from selsmtp.durable import open_readable
 from selsmtp.reader import Message, NotAMailbox
 from selsmtp.records import ProblemKind, check_maildir, parse_file
 from selsmtp.rotation import ROTATED_NAME
@@ -188,7 +189,7 @@ class FileFollower:
             self._current = None
 
     def _open(self) -> _OpenFile:
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_readable(self.path)
         return _OpenFile(fd, _identity(os.fstat(fd)), self._fmt)
 
     def _read_rotated(self) -> list[Message]:
@@ -197,7 +198,7 @@ class FileFollower:
         fresh: list[Message] = []
         for _, _, name in rotated_files(self.path):
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_readable(name)
             except OSError:
                 continue
             try:

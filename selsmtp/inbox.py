@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from selsmtp import reader
 from selsmtp.argtypes import non_negative_int, positive_float, positive_int
+from selsmtp.durable import NotRegularFile
 from selsmtp.follow import DEFAULT_LOCK_TIMEOUT, Stopper, make_follower, rotated_files
 from selsmtp.reader import Mailbox, Message, NotAMailbox
 
@@ -363,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 0
+    except NotRegularFile as exc:
+        _error(f"cannot read {exc.filename}: it is {exc.strerror}, not a regular file")
+        return 1
     except OSError as exc:
         name = exc.filename if exc.filename is not None else args.path
         _error(f"cannot read {name}: {exc.strerror or exc}")

@@ -39,11 +39,13 @@ from selsmtp import formats, mailindex
 from selsmtp.durable import (
     HEAD_BYTES,
     STATE_SUFFIX,
+    NotRegularFile,
     State,
     boot_id,
     file_format,
     open_readable,
     pending_verdict,
+    read_regular,
 )
 from selsmtp.records import Mailbox, Message, Problem, ProblemKind, check_maildir, parse_file
 
@@ -211,9 +213,8 @@ def read_maildir_file(path: str, name: str) -> Message | None:
     """The message file ``name`` (``new/NAME``) of the Maildir ``path``; ``None`` if it
     is gone (a reader moved it to ``cur/``) or not a file."""
     try:
-        with open(os.path.join(path, name), "rb") as file:
-            data = file.read()
-    except (FileNotFoundError, IsADirectoryError):
+        data = read_regular(os.path.join(path, name))
+    except (FileNotFoundError, NotRegularFile):
         return None
     message = Message.of("maildir", formats.maildir.parse(data), 0, len(data), name)
     if message.date is None and (found := _MAILDIR_TIME.match(os.path.basename(name))):
@@ -272,7 +273,7 @@ def read_mailbox(
         raise NotAMailbox(f"{name} is a file, not a Maildir folder")
     if format not in (None, *FORMATS):
         raise ValueError(f"not a mailbox format: {format!r}")
-    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_readable(name)
     try:
         seen = read_locked(fd, name, lock_timeout)
     finally:
