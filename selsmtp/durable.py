@@ -177,6 +177,20 @@ def read_regular(path: str) -> bytes:
         os.close(fd)
 
 
+def maildir_names(path: str) -> list[str]:
+    """Every message file of the Maildir at ``path`` as ``new/NAME`` or ``cur/NAME``,
+    ``new/`` first: a message a reader moves to ``cur/`` meanwhile is in one of the
+    two listings. Names starting with a dot are not messages (maildir(5))."""
+    found: list[str] = []
+    for sub in ("new", "cur"):
+        try:
+            names = os.listdir(os.path.join(path, sub))
+        except FileNotFoundError:
+            continue
+        found.extend(f"{sub}/{name}" for name in sorted(names) if not name.startswith("."))
+    return found
+
+
 def fsync_directory(path: str) -> None:
     """Make a new directory entry durable (a created file survives a crash)."""
     fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

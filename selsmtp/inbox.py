@@ -36,8 +36,9 @@ from typing import Any, Final
 from selsmtp import reader
 from selsmtp.argtypes import non_negative_int, positive_float, positive_int
 from selsmtp.durable import NotRegularFile
-from selsmtp.follow import DEFAULT_LOCK_TIMEOUT, Stopper, make_follower, rotated_files
+from selsmtp.follow import DEFAULT_LOCK_TIMEOUT, Stopper, make_follower
 from selsmtp.reader import Mailbox, Message, NotAMailbox
+from selsmtp.rotation import rotated_files
 
 PROG: Final = "python -m selsmtp.inbox"
 #: seconds between two looks at a followed mailbox

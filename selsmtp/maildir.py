@@ -77,6 +77,7 @@ from selsmtp.durable import (
     check_format,
     describe,
     fsync_directory,
+    maildir_names,
     open_regular,
     read_state,
     write_pieces,
@@ -345,18 +346,15 @@ class MaildirStore:
     def _scan_numbers(self) -> int:
         """The largest X-Selsmtp-Number in new/ and cur/ (0 if none)."""
         last = 0
-        for folder in (self._new, os.path.join(self.path, "cur")):
-            for name in os.listdir(folder):
-                if name.startswith("."):
-                    continue
-                try:
-                    fd = open_regular(os.path.join(folder, name), os.O_RDONLY)
-                except FileNotFoundError:  # a reader moved it meanwhile
-                    continue
-                try:
-                    found = formats.MAILDIR_NUMBER.match(os.pread(fd, HEAD_SIZE, 0))
-                finally:
-                    os.close(fd)
-                if found:
-                    last = max(last, int(found.group(1)))
+        for name in maildir_names(self.path):
+            try:
+                fd = open_regular(os.path.join(self.path, name), os.O_RDONLY)
+            except FileNotFoundError:  # a reader moved it meanwhile
+                continue
+            try:
+                found = formats.MAILDIR_NUMBER.match(os.pread(fd, HEAD_SIZE, 0))
+            finally:
+                os.close(fd)
+            if found:
+                last = max(last, int(found.group(1)))
         return last

@@ -43,6 +43,7 @@ from selsmtp.durable import (
     State,
     boot_id,
     file_format,
+    maildir_names,
     open_readable,
     pending_verdict,
     read_regular,
@@ -193,20 +194,6 @@ _MAILDIR_TIME: Final = re.compile(r"(\d{1,12})\.")
 def is_maildir(path: str | os.PathLike[str]) -> bool:
     """True if ``path`` is a folder with ``new/`` and ``cur/`` in it."""
     return all(os.path.isdir(os.path.join(path, sub)) for sub in ("new", "cur"))
-
-
-def maildir_names(path: str) -> list[str]:
-    """Every message file of the Maildir at ``path`` as ``new/NAME`` or ``cur/NAME``,
-    ``new/`` first: a message a reader moves to ``cur/`` meanwhile is in one of the
-    two listings. Names starting with a dot are not messages (maildir(5))."""
-    found: list[str] = []
-    for sub in ("new", "cur"):
-        try:
-            names = os.listdir(os.path.join(path, sub))
-        except FileNotFoundError:
-            continue
-        found.extend(f"{sub}/{name}" for name in sorted(names) if not name.startswith("."))
-    return found
 
 
 def read_maildir_file(path: str, name: str) -> Message | None:
