@@ -135,6 +135,12 @@ def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
             if not stat.S_ISREG(st.st_mode):
                 raise NotRegularFile(exc.errno, describe(st.st_mode), path) from None
         raise
+    return _regular(fd, path)
+
+
+def _regular(fd: int, path: str) -> int:
+    """``fd``, if ``fstat`` shows a regular file, made blocking again; else close it
+    and raise :class:`NotRegularFile`."""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -153,16 +159,7 @@ def open_readable(path: str) -> int:
     followed (a reader writes nothing), but opening never blocks on a FIFO or a device
     (``O_NONBLOCK``), and ``fstat`` must show a regular file, else
     :class:`NotRegularFile`."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFile(errno.EINVAL, describe(st.st_mode), path)
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return _regular(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), path)
 
 
 def read_regular(path: str) -> bytes:
