@@ -158,6 +158,7 @@ from selsmtp.durable import (
     pending_verdict,
     read_state,
     same_file,
+    save_numbers,
     write_all,
     write_pieces,
 )
@@ -527,19 +528,10 @@ class FileStore:
         """Write the state line. A durable line that gives out numbers past the
         reservation reserves the next ones too: they can then be given out with no
         fsync of the line until they run out."""
-        assert self._states is not None
-        state = self._state
-        reserved = state.reserved
-        if sync and state.number > state.reserved:
-            state.reserved = state.number + RESERVED_NUMBERS
-        try:
-            self._states.save(state, sync=sync)
-            # The second record of the numbers (see selsmtp.instance), after the line.
-            assert self._instance is not None
-            self._instance.save(state.number, state.reserved, self._boot, sync=sync)
-        except OSError:
-            state.reserved = reserved  # not durable, so not reserved
-            raise
+        assert self._states is not None and self._instance is not None
+        save_numbers(
+            self._states, self._instance, self._state, self._boot, RESERVED_NUMBERS, sync=sync
+        )
 
     def _save_state_or_log(self) -> None:
         try:
