@@ -38,6 +38,8 @@ TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
     from typing import Final, Protocol
 
+    from selsmtp.instance import InstanceLock
+
 #: writev takes at most IOV_MAX buffers; stay well below it.
 MAX_IOV: Final = 512
 #: a batch's pieces are written once this many bytes have gathered
@@ -135,6 +137,12 @@ def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
             if not stat.S_ISREG(st.st_mode):
                 raise NotRegularFile(exc.errno, describe(st.st_mode), path) from None
         raise
+    return _regular(fd, path)
+
+
+def _regular(fd: int, path: str) -> int:
+    """``fd``, if ``fstat`` shows a regular file, made blocking again; else close it
+    and raise :class:`NotRegularFile`."""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -144,6 +152,42 @@ def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def open_readable(path: str) -> int:
+    """Open the regular file at ``path`` read-only for a reader, as a raw descriptor.
+
+    The readers' counterpart of :func:`open_regular`: a symbolic link a user made is
+    followed (a reader writes nothing), but opening never blocks on a FIFO or a device
+    (``O_NONBLOCK``), and ``fstat`` must show a regular file, else
+    :class:`NotRegularFile`."""
+    return _regular(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), path)
+
+
+def read_regular(path: str) -> bytes:
+    """All of the regular file at ``path``, opened with :func:`open_readable`."""
+    fd = open_readable(path)
+    try:
+        pieces = []
+        while piece := os.read(fd, 1 << 20):
+            pieces.append(piece)
+        return b"".join(pieces)
+    finally:
+        os.close(fd)
+
+
+def maildir_names(path: str) -> list[str]:
+    """Every message file of the Maildir at ``path`` as ``new/NAME`` or ``cur/NAME``,
+    ``new/`` first: a message a reader moves to ``cur/`` meanwhile is in one of the
+    two listings. Names starting with a dot are not messages (maildir(5))."""
+    found: list[str] = []
+    for sub in ("new", "cur"):
+        try:
+            names = os.listdir(os.path.join(path, sub))
+        except FileNotFoundError:
+            continue
+        found.extend(f"{sub}/{name}" for name in sorted(names) if not name.startswith("."))
+    return found
 
 
 def fsync_directory(path: str) -> None:
@@ -378,6 +422,65 @@ class State:
 _FIELDS: Final = {"1": 5, "2": 6, "3": 8, "4": 8}
 
 
+#: The state file of the mailbox ``PATH`` is ``PATH`` + this (:class:`StateFile`).
+STATE_SUFFIX: Final = ".selsmtp"
+#: How much of the file :func:`pending_verdict` reads at a pending batch's offset.
+HEAD_BYTES: Final = 4096
+
+
+def pending_verdict(
+    state: State,
+    st: os.stat_result,
+    rebooted: bool,
+    read_at: Callable[[int], bytes],
+    number_pattern: re.Pattern[bytes],
+) -> str:
+    """The crash rule (SPEC §7): what to do with the batch ``state`` names as pending
+    in the mailbox file whose ``fstat`` is ``st``. The one copy of the rule, used by
+    the store at start-up and by every reader under the shared lock.
+
+    ``rebooted``: the machine restarted since the line was written (so the line may be
+    older than the file); ``read_at(offset)``: up to :data:`HEAD_BYTES` of the file
+    from ``offset``; ``number_pattern``: the format's record-head number. Returns
+
+    * ``"none"``: no batch of ours is pending in this file (none named, the file was
+      replaced, or it ends at or before the batch's start);
+    * ``"whole"``: after a reboot, every byte of the batch is in the file; its fsync
+      may have finished and its 250 gone out: keep it, committed up to ``state.end``;
+    * ``"not-ours"``: after a reboot, no record head of ours begins at the offset (the
+      file was emptied and written again since): keep everything;
+    * ``"appended"``: the file reaches past where the batch would end: another
+      program appended after it, and cutting would destroy its bytes: keep them;
+    * ``"cut"``: the bytes from ``state.pending`` on are our torn batch: cut them
+      (readers hide them).
+    """
+    if state.pending < 0:
+        return "none"
+    if (st.st_dev, st.st_ino) != (state.dev, state.ino) or st.st_size <= state.pending:
+        return "none"
+    if rebooted:
+        if state.pending <= state.end <= st.st_size:
+            return "whole"
+        if not _record_head(read_at(state.pending), state.number, number_pattern):
+            return "not-ours"
+    if 0 <= state.end < st.st_size:
+        return "appended"
+    return "cut"
+
+
+def _record_head(head: bytes, last: int, number_pattern: re.Pattern[bytes]) -> bool:
+    """True if ``head`` begins one of our records numbered at most ``last`` (after the
+    one or two LFs the store may write before a record to reach a record boundary),
+    or a header cut short before its number or its end."""
+    stripped = head.lstrip(b"\n")
+    if len(head) - len(stripped) <= 2:
+        head = stripped
+    found = number_pattern.search(head)
+    if found is None:
+        return b"\n\n" not in head
+    return b"\n" not in head[: found.start()] and int(found.group(1)) <= last
+
+
 def is_blank(data: bytes) -> bool:
     """True for a state or lock file that holds nothing yet: empty, or zeros (what a
     file created just before a power cut can hold)."""
@@ -434,3 +537,22 @@ class StateFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def save_numbers(
+    states: StateFile, lock: InstanceLock, state: State, boot: str, reserve: int, *, sync: bool
+) -> None:
+    """Write ``state`` to its state file, then the lock file's record of the numbers
+    (the second record, :mod:`selsmtp.instance`). A durable line (``sync``) that gives
+    out numbers past its reserve reserves the next ``reserve`` too, so that they can
+    be given out with no fsync of the record until they run out; if either write
+    fails, nothing new is reserved."""
+    reserved = state.reserved
+    if sync and state.number > state.reserved:
+        state.reserved = state.number + reserve
+    try:
+        states.save(state, sync=sync)
+        lock.save(state.number, state.reserved, boot, sync=sync)
+    except OSError:
+        state.reserved = reserved  # not durable, so not reserved
+        raise

@@ -33,9 +33,10 @@ from types import FrameType
 from typing import Any, Final
 
 from selsmtp import formats, reader
+from selsmtp.durable import maildir_names, open_readable
 from selsmtp.reader import Message, NotAMailbox
 from selsmtp.records import ProblemKind, check_maildir, parse_file
-from selsmtp.rotation import ROTATED_NAME
+from selsmtp.rotation import rotated_files
 
 #: seconds to wait for the shared lock at the start
 DEFAULT_LOCK_TIMEOUT: Final = 30.0
@@ -105,22 +106,6 @@ def _stamp(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def rotated_files(path: str) -> list[tuple[int, int, str]]:
-    """The rotated files ``PATH.A-B`` beside ``path``, as (A, B, path), by A then B."""
-    folder, name = os.path.split(os.path.abspath(path))
-    found: list[tuple[int, int, str]] = []
-    try:
-        entries = os.listdir(folder)
-    except OSError:
-        return found
-    for entry in entries:
-        match = ROTATED_NAME.fullmatch(entry, len(name)) if entry.startswith(name) else None
-        if match:
-            found.append((int(match[1]), int(match[2]), os.path.join(folder, entry)))
-    found.sort()
-    return found
-
-
 class FileFollower:
     """Follows a cs4410 or mbox mailbox file at ``path`` (see the module docstring).
 
@@ -188,7 +173,7 @@ class FileFollower:
             self._current = None
 
     def _open(self) -> _OpenFile:
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_readable(self.path)
         return _OpenFile(fd, _identity(os.fstat(fd)), self._fmt)
 
     def _read_rotated(self) -> list[Message]:
@@ -197,7 +182,7 @@ class FileFollower:
         fresh: list[Message] = []
         for _, _, name in rotated_files(self.path):
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_readable(name)
             except OSError:
                 continue
             try:
@@ -298,13 +283,13 @@ class MaildirFollower:
             )
         if from_start:
             return self.poll()
-        self._keys = {formats.maildir.unique_part(n[4:]) for n in reader.maildir_names(self.path)}
+        self._keys = {formats.maildir.unique_part(n[4:]) for n in maildir_names(self.path)}
         return []
 
     def poll(self) -> list[Message]:
         listed: set[str] = set()
         fresh: list[Message] = []
-        for name in reader.maildir_names(self.path):
+        for name in maildir_names(self.path):
             key = formats.maildir.unique_part(name[4:])
             if key in self._keys or key in listed:
                 listed.add(key)

@@ -35,8 +35,10 @@ from typing import Any, Final
 
 from selsmtp import reader
 from selsmtp.argtypes import non_negative_int, positive_float, positive_int
-from selsmtp.follow import DEFAULT_LOCK_TIMEOUT, Stopper, make_follower, rotated_files
+from selsmtp.durable import NotRegularFile
+from selsmtp.follow import DEFAULT_LOCK_TIMEOUT, Stopper, make_follower
 from selsmtp.reader import Mailbox, Message, NotAMailbox
+from selsmtp.rotation import rotated_files
 
 PROG: Final = "python -m selsmtp.inbox"
 #: seconds between two looks at a followed mailbox
@@ -363,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 0
+    except NotRegularFile as exc:
+        _error(f"cannot read {exc.filename}: it is {exc.strerror}, not a regular file")
+        return 1
     except OSError as exc:
         name = exc.filename if exc.filename is not None else args.path
         _error(f"cannot read {name}: {exc.strerror or exc}")

@@ -67,6 +67,7 @@ from collections.abc import Callable, Sequence
 
 from selsmtp import formats, instance
 from selsmtp.durable import (
+    STATE_SUFFIX,
     Fsync,
     NotRegularFile,
     StartupError,
@@ -77,8 +78,10 @@ from selsmtp.durable import (
     check_format,
     describe,
     fsync_directory,
+    maildir_names,
     open_regular,
     read_state,
+    save_numbers,
     write_pieces,
 )
 from selsmtp.session import Deliver
@@ -90,9 +93,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("selsmtp.maildir")
 
 #: the state file, inside the Maildir
-STATE_NAME: Final = ".selsmtp"
+STATE_NAME: Final = STATE_SUFFIX
 #: the instance lock file (:mod:`selsmtp.instance`), inside the Maildir
-LOCK_NAME: Final = ".selsmtp.lock"
+LOCK_NAME: Final = instance.LOCK_SUFFIX
 #: how far past the last number the lock file's durable record reserves numbers
 RESERVED_NUMBERS: Final = 1000
 #: the start of a message file that the state-less scan reads
@@ -265,16 +268,9 @@ class MaildirStore:
         record is fsync'd once per that many numbers (the line itself is fsync'd with
         every batch)."""
         assert self._states is not None and self._instance is not None
-        state = self._state
-        reserved = state.reserved
-        if sync and state.number > state.reserved:
-            state.reserved = state.number + RESERVED_NUMBERS
-        try:
-            self._states.save(state, sync=sync)
-            self._instance.save(state.number, state.reserved, self._boot, sync=sync)
-        except OSError:
-            state.reserved = reserved
-            raise
+        save_numbers(
+            self._states, self._instance, self._state, self._boot, RESERVED_NUMBERS, sync=sync
+        )
 
     # -- start-up ----------------------------------------------------------------
 
@@ -345,18 +341,15 @@ class MaildirStore:
     def _scan_numbers(self) -> int:
         """The largest X-Selsmtp-Number in new/ and cur/ (0 if none)."""
         last = 0
-        for folder in (self._new, os.path.join(self.path, "cur")):
-            for name in os.listdir(folder):
-                if name.startswith("."):
-                    continue
-                try:
-                    fd = open_regular(os.path.join(folder, name), os.O_RDONLY)
-                except FileNotFoundError:  # a reader moved it meanwhile
-                    continue
-                try:
-                    found = formats.MAILDIR_NUMBER.match(os.pread(fd, HEAD_SIZE, 0))
-                finally:
-                    os.close(fd)
-                if found:
-                    last = max(last, int(found.group(1)))
+        for name in maildir_names(self.path):
+            try:
+                fd = open_regular(os.path.join(self.path, name), os.O_RDONLY)
+            except FileNotFoundError:  # a reader moved it meanwhile
+                continue
+            try:
+                found = formats.MAILDIR_NUMBER.match(os.pread(fd, HEAD_SIZE, 0))
+            finally:
+                os.close(fd)
+            if found:
+                last = max(last, int(found.group(1)))
         return last

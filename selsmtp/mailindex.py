@@ -57,7 +57,8 @@ from __future__ import annotations
 import collections
 import errno
 import os
-import stat
+
+from selsmtp.durable import open_regular
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
@@ -90,8 +91,6 @@ _VERSION: Final = b"1"
 _CHUNK: Final = 1 << 16
 #: more than the longest line of an index (three 20-digit numbers, a header)
 _LINE: Final = 256
-#: how the index file is opened: never through a symbolic link, never blocking on a FIFO
-_OPEN_FLAGS: Final = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def index_path(mailbox_path: str) -> str:
@@ -178,12 +177,10 @@ def load(mailbox_path: str, st: os.stat_result) -> list[IndexEntry] | None:
     mailbox's shared lock. Never raises ``OSError``.
     """
     try:
-        fd = os.open(index_path(mailbox_path), os.O_RDONLY | _OPEN_FLAGS)
-    except OSError:
+        fd = open_regular(index_path(mailbox_path), os.O_RDONLY)
+    except OSError:  # missing, or not a regular file (never followed, never waited for)
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
         pieces = []
         while piece := os.read(fd, 1 << 20):
             pieces.append(piece)
@@ -195,17 +192,10 @@ def load(mailbox_path: str, st: os.stat_result) -> list[IndexEntry] | None:
     return None if parsed is None else parsed[1]
 
 
-def _open(path: str, flags: int) -> int:
-    """Open the index file at ``path`` for writing; ``OSError`` if it is not a regular
-    file (a symbolic link, a FIFO, a folder someone put there)."""
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | _OPEN_FLAGS | flags, 0o644)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+def _open(path: str) -> int:
+    """Open (create) the index file at ``path`` for appending, with
+    :func:`~selsmtp.durable.open_regular`: ``OSError`` if it is not a regular file."""
+    return open_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
 
 
 class IndexWriter:
@@ -229,7 +219,7 @@ class IndexWriter:
         self.last_offset = 0  #: where the last entry's record begins
         self._size = 0  #: the index file's length
         self._header = 0  #: its header's length
-        self.fd = _open(self.path, os.O_CREAT)
+        self.fd = _open(self.path)
 
     def describes(self, dev: int, ino: int) -> bool:
         return (self.dev, self.ino) == (dev, ino)
@@ -268,7 +258,7 @@ class IndexWriter:
         line = header(fmt, dev, ino)
         self.dev = self.ino = -1  # unknown until the new header is written
         if self.fd < 0:
-            self.fd = _open(self.path, os.O_CREAT)
+            self.fd = _open(self.path)
         os.ftruncate(self.fd, 0)
         self._size = 0
         self._keep(None)

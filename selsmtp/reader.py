@@ -36,9 +36,19 @@ from datetime import datetime, timezone
 from typing import Any, Final
 
 from selsmtp import formats, mailindex
-from selsmtp.durable import State, boot_id
+from selsmtp.durable import (
+    HEAD_BYTES,
+    STATE_SUFFIX,
+    NotRegularFile,
+    State,
+    boot_id,
+    file_format,
+    maildir_names,
+    open_readable,
+    pending_verdict,
+    read_regular,
+)
 from selsmtp.records import Mailbox, Message, Problem, ProblemKind, check_maildir, parse_file
-from selsmtp.store import STATE_SUFFIX
 
 __all__ = [
     "FORMATS",
@@ -124,27 +134,31 @@ def lock_shared(fd: int, timeout: float) -> None:
 
 def pending_append(path: str | os.PathLike[str], fd: int) -> int | None:
     """Where an append cut short by a crash begins in the file open as ``fd``, according
-    to selsmtp's state file ``PATH.selsmtp``; ``None`` if it names none in this file.
+    to selsmtp's state file ``PATH.selsmtp``; ``None`` if it names none in this file
+    that selsmtp would cut.
 
     Meaningful under the shared lock only: selsmtp marks an append while it holds the
-    exclusive lock and clears the mark before it lets go. A mark written before the
-    machine restarted, whose bytes are all in the file, may be older than the append's
-    250, and selsmtp keeps those bytes (see ``selsmtp/store.py``).
+    exclusive lock and clears the mark before it lets go. The judgment is the store's
+    own (:func:`~selsmtp.durable.pending_verdict`), so a reader hides exactly the bytes
+    the store's crash recovery removes.
     """
     try:
-        with open(os.fspath(path) + STATE_SUFFIX, "rb") as file:
-            state = State.decode(file.read(1024))
+        state_fd = open_readable(os.fspath(path) + STATE_SUFFIX)
     except OSError:
         return None
-    if state is None or state.pending < 0:
-        return None
-    st = os.fstat(fd)
-    if (st.st_dev, st.st_ino) != (state.dev, state.ino) or st.st_size <= state.pending:
+    try:
+        state = State.decode(os.pread(state_fd, 1024, 0))
+    finally:
+        os.close(state_fd)
+    if state is None:
         return None
     rebooted = not state.boot or state.boot != boot_id()  # as the store reads it
-    if rebooted and state.pending <= state.end <= st.st_size:
-        return None
-    return state.pending
+    fmt = state.format or file_format(fd)
+    pattern = formats.MBOX_NUMBER if fmt == "mbox" else formats.CS4410_NUMBER
+    verdict = pending_verdict(
+        state, os.fstat(fd), rebooted, lambda offset: os.pread(fd, HEAD_BYTES, offset), pattern
+    )
+    return state.pending if verdict == "cut" else None
 
 
 def load_index(path: str, st: os.stat_result) -> list[Any] | None:
@@ -182,27 +196,12 @@ def is_maildir(path: str | os.PathLike[str]) -> bool:
     return all(os.path.isdir(os.path.join(path, sub)) for sub in ("new", "cur"))
 
 
-def maildir_names(path: str) -> list[str]:
-    """Every message file of the Maildir at ``path`` as ``new/NAME`` or ``cur/NAME``,
-    ``new/`` first: a message a reader moves to ``cur/`` meanwhile is in one of the
-    two listings. Names starting with a dot are not messages (maildir(5))."""
-    found: list[str] = []
-    for sub in ("new", "cur"):
-        try:
-            names = os.listdir(os.path.join(path, sub))
-        except FileNotFoundError:
-            continue
-        found.extend(f"{sub}/{name}" for name in sorted(names) if not name.startswith("."))
-    return found
-
-
 def read_maildir_file(path: str, name: str) -> Message | None:
     """The message file ``name`` (``new/NAME``) of the Maildir ``path``; ``None`` if it
     is gone (a reader moved it to ``cur/``) or not a file."""
     try:
-        with open(os.path.join(path, name), "rb") as file:
-            data = file.read()
-    except (FileNotFoundError, IsADirectoryError):
+        data = read_regular(os.path.join(path, name))
+    except (FileNotFoundError, NotRegularFile):
         return None
     message = Message.of("maildir", formats.maildir.parse(data), 0, len(data), name)
     if message.date is None and (found := _MAILDIR_TIME.match(os.path.basename(name))):
@@ -261,7 +260,7 @@ def read_mailbox(
         raise NotAMailbox(f"{name} is a file, not a Maildir folder")
     if format not in (None, *FORMATS):
         raise ValueError(f"not a mailbox format: {format!r}")
-    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_readable(name)
     try:
         seen = read_locked(fd, name, lock_timeout)
     finally:

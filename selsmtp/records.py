@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from selsmtp import formats
+from selsmtp.durable import read_regular
 from selsmtp.formats.trace import Stored
 
 
@@ -171,8 +172,7 @@ class Mailbox(Sequence[Message]):
     def stored(self, message: Message) -> bytes:
         """The record of ``message`` as it is on disk (a Maildir file is read again)."""
         if message.name is not None:
-            with open(os.path.join(self.path, message.name), "rb") as file:
-                return file.read()
+            return read_regular(os.path.join(self.path, message.name))
         assert self.data is not None
         return self.data[message.offset : message.end]
 

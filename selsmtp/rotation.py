@@ -118,12 +118,22 @@ def remove_leftovers(path: str, current: int, first: int, last: int) -> None:
             log.warning("removed %s, left by a rotation cut short by a crash", stale)
 
 
+def rotated_files(path: str) -> list[tuple[int, int, str]]:
+    """The rotated files ``PATH.A-B`` beside ``path``, as (A, B, path), by A then B."""
+    folder, name = os.path.split(os.path.abspath(path))
+    found: list[tuple[int, int, str]] = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return found
+    for entry in entries:
+        match = ROTATED_NAME.fullmatch(entry, len(name)) if entry.startswith(name) else None
+        if match:
+            found.append((int(match[1]), int(match[2]), os.path.join(folder, entry)))
+    found.sort()
+    return found
+
+
 def last_rotated_number(path: str) -> int:
     """The largest B of the rotated files ``PATH.A-B`` beside ``path`` (0 if none)."""
-    folder, name = os.path.split(path)
-    last = 0
-    for entry in os.listdir(folder):
-        found = ROTATED_NAME.fullmatch(entry, len(name)) if entry.startswith(name) else None
-        if found:
-            last = max(last, int(found.group(2)))
-    return last
+    return max((last for _, last, _ in rotated_files(path)), default=0)

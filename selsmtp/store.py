@@ -52,7 +52,8 @@ the batch's start are a torn tail, removed at start-up (whole or not), unless th
 reach past where the batch would have ended: then another program appended after it
 while we were down, and nothing is cut (see "Record boundaries"). Bytes past the
 committed length with no batch in progress were appended by another program under
-the lock and are kept.
+the lock and are kept. This crash rule exists once, as
+:func:`~selsmtp.durable.pending_verdict`: the readers hide exactly the bytes it cuts.
 
 After a reboot (a power cut), the line may be any one written since its last fsync,
 older than the mailbox, whose acknowledged records were all fsync'd. Start-up knows
@@ -140,7 +141,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from selsmtp import formats, instance, mailindex, rotation
 from selsmtp.config import Config
 from selsmtp.durable import (
+    HEAD_BYTES,
     MAX_IOV,
+    STATE_SUFFIX,
     WRITE_CHUNK,
     Fsync,
     NotRegularFile,
@@ -152,8 +155,10 @@ from selsmtp.durable import (
     check_format,
     fsync_directory,
     open_regular,
+    pending_verdict,
     read_state,
     same_file,
+    save_numbers,
     write_all,
     write_pieces,
 )
@@ -182,15 +187,12 @@ __all__ = [
 
 log = logging.getLogger("selsmtp.store")
 
-STATE_SUFFIX: Final = ".selsmtp"
 #: the start-up scan reads chunks that overlap by this much, so a record header
 #: cut by a chunk boundary is seen whole in one of them
 SCAN_OVERLAP: Final = 8192
 #: how far past the last number a durable state line reserves numbers; the line is
 #: fsync'd again only when they run out (about once per this many messages)
 RESERVED_NUMBERS: Final = 1000
-#: enough of a record's start to hold its number (the HELO name is at most a line)
-HEAD_BYTES: Final = 4096
 #: the most message data one commit renders in memory (its records are measured
 #: before the commit marker is written); a larger batch becomes several commits
 PART_BYTES: Final = 16 << 20
@@ -526,19 +528,10 @@ class FileStore:
         """Write the state line. A durable line that gives out numbers past the
         reservation reserves the next ones too: they can then be given out with no
         fsync of the line until they run out."""
-        assert self._states is not None
-        state = self._state
-        reserved = state.reserved
-        if sync and state.number > state.reserved:
-            state.reserved = state.number + RESERVED_NUMBERS
-        try:
-            self._states.save(state, sync=sync)
-            # The second record of the numbers (see selsmtp.instance), after the line.
-            assert self._instance is not None
-            self._instance.save(state.number, state.reserved, self._boot, sync=sync)
-        except OSError:
-            state.reserved = reserved  # not durable, so not reserved
-            raise
+        assert self._states is not None and self._instance is not None
+        save_numbers(
+            self._states, self._instance, self._state, self._boot, RESERVED_NUMBERS, sync=sync
+        )
 
     def _save_state_or_log(self) -> None:
         try:
@@ -733,11 +726,18 @@ class FileStore:
         self._state = saved
         rotation.remove_leftovers(self.path, self._fd, saved.first, saved.number)
         st = os.fstat(self._fd)
-        same_file = (st.st_dev, st.st_ino) == (saved.dev, saved.ino)
-        if not same_file:
+        if (st.st_dev, st.st_ino) != (saved.dev, saved.ino):
             saved.first = -1  # not the file the state knows: a new one
         if not saved.boot or saved.boot != self._boot:
-            self._recover_after_reboot(saved, same_file, st.st_size)
+            # The line may be older than the mailbox: any line written since its last
+            # fsync can be the one that survived. Settle the batch it names as pending
+            # (the crash rule, durable.pending_verdict), and the numbers.
+            verdict = self._pending_verdict(st, rebooted=True)
+            if verdict == "whole":  # its fsync may have finished and its 250 gone out
+                saved.size, saved.pending, saved.end = saved.end, -1, -1
+            elif verdict == "not-ours":  # emptied and written again since
+                saved.size, saved.pending, saved.end = st.st_size, -1, -1
+            self._recover_numbers_after_reboot(saved)
         # Once per start, the line is made durable: it may exist only in the page cache
         # (written by a process of this boot that died), and its reserve must survive
         # a power cut before this process gives out any number it covers.
@@ -759,18 +759,8 @@ class FileStore:
         finally:
             self._unlock()
 
-    def _recover_after_reboot(self, saved: State, same_file: bool, size: int) -> None:
-        """The machine restarted since the state line was written, so the line may be
-        older than the mailbox: any line written since its last fsync can be the one
-        that survived. Settle the batch it names as pending, and the numbers."""
-        if same_file and 0 <= saved.pending <= size:
-            if saved.pending <= saved.end <= size:
-                # Written whole; its fsync may have finished and its 250 gone out.
-                saved.size, saved.pending, saved.end = saved.end, -1, -1
-            elif not self._record_head_at(saved.pending, saved.number):
-                # Not the batch's start: the file was emptied and written again since
-                # (a consumer, another program). Nothing there is ours to cut.
-                saved.size, saved.pending, saved.end = size, -1, -1
+    def _recover_numbers_after_reboot(self, saved: State) -> None:
+        """The machine restarted since the state line was written."""
         # Numbers given out since the line was written may be in records anywhere
         # past it, or taken away by a consumer: only the reserve of the last fsync'd
         # line bounds them. After a clean stop it is the exact last number.
@@ -785,17 +775,15 @@ class FileStore:
             )
             saved.number = saved.reserved
 
-    def _record_head_at(self, offset: int, last: int) -> bool:
-        """True if the mailbox at ``offset`` begins one of our records numbered at most
-        ``last``, or a header cut short before its number or its end."""
-        head = os.pread(self._fd, HEAD_BYTES, offset)
-        stripped = head.lstrip(b"\n")
-        if len(head) - len(stripped) <= 2:  # the fix-up before a record (_fixup)
-            head = stripped
-        found = self._number_pattern.search(head)
-        if found is None:
-            return b"\n\n" not in head
-        return b"\n" not in head[: found.start()] and int(found.group(1)) <= last
+    def _pending_verdict(self, st: os.stat_result, *, rebooted: bool) -> str:
+        """:func:`~selsmtp.durable.pending_verdict` on our state and descriptor."""
+        return pending_verdict(
+            self._state,
+            st,
+            rebooted,
+            lambda offset: os.pread(self._fd, HEAD_BYTES, offset),
+            self._number_pattern,
+        )
 
     def _recover_without_state(self) -> None:
         state = self._state
@@ -820,7 +808,8 @@ class FileStore:
         """Cut away what an append cut short by a crash left (the lock is held)."""
         saved = self._state
         st = os.fstat(self._fd)
-        if (st.st_dev, st.st_ino) != (saved.dev, saved.ino) or st.st_size <= saved.pending:
+        verdict = self._pending_verdict(st, rebooted=False)
+        if verdict == "none":
             pass  # the file was emptied or replaced since: nothing of ours is left in it
         elif st.st_size != self._torn_size:
             # Another program appended after the torn tail while we waited for the
@@ -832,7 +821,7 @@ class FileStore:
                 saved.pending,
                 self.path,
             )
-        elif 0 <= saved.end < st.st_size:
+        elif verdict == "appended":
             # More than the batch could have written: another program appended after
             # it while we were down. Only bytes provably ours are cut (SPEC §7), so the
             # tail stays, and the next record begins after a blank line (_fixup).

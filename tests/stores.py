@@ -55,3 +55,18 @@ def die_in_the_middle_of_the_next_write() -> None:
         os._exit(3)
 
     durable.write_all = write_most  # type: ignore[assignment]
+
+
+def store_options(fmt: str) -> dict[str, Any]:
+    """FileStore's keyword arguments for a ``fmt`` ("cs4410", "mbox") store named
+    :data:`NAME`, with a clock stopped at the epoch."""
+    from selsmtp.store import cs4410_renderer, mbox_renderer
+
+    if fmt == "mbox":
+        return {
+            "render": mbox_renderer(NAME),
+            "number_pattern": formats.MBOX_NUMBER,
+            "format": "mbox",
+            "clock": lambda: 0.0,
+        }
+    return {"render": cs4410_renderer(NAME), "format": "cs4410", "clock": lambda: 0.0}

@@ -39,15 +39,7 @@ def parse(data: bytes) -> Stored:
     if found is None:
         return Stored(None, None, None, None, None, None, data)
     fields, content = found
-    return Stored(
-        fields.number,
-        fields.sender,
-        fields.recipients,
-        fields.helo_name,
-        fields.server_name,
-        fields.date,
-        data[content:],
-    )
+    return fields.with_content(data[content:])
 
 
 def unique_part(name: str) -> str:

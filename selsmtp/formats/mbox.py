@@ -122,14 +122,8 @@ def parse(data: bytes, start: int, end: int, *, indexed: bool = False) -> Stored
         message = unquote(data[line.end() : end - 1])
         return Stored(None, decode(line[1]), None, None, None, moment, message)
     fields, content = found
-    return Stored(
-        fields.number,
-        fields.sender,
-        fields.recipients,
-        fields.helo_name,
-        fields.server_name,
-        fields.date or trace.asctime_date(decode(line[2])),
-        unquote(data[content : end - 1]),
+    return fields.with_content(
+        unquote(data[content : end - 1]), trace.asctime_date(decode(line[2]))
     )
 
 

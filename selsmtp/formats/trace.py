@@ -89,6 +89,18 @@ class Stored(Frozen):
         ):
             init_field(self, name, value)
 
+    def with_content(self, content: bytes, date: datetime | None = None) -> Stored:
+        """These trace fields with ``content``; ``date`` where the trace has none."""
+        return Stored(
+            self.number,
+            self.sender,
+            self.recipients,
+            self.helo_name,
+            self.server_name,
+            self.date if self.date is not None else date,
+            content,
+        )
+
 
 @functools.lru_cache(maxsize=4)
 def dates(now: float) -> tuple[str, str]:

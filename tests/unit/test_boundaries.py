@@ -13,17 +13,16 @@ import mailbox as stdlib_mailbox
 import multiprocessing
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from selsmtp import durable, formats, mailindex
 from selsmtp.mailindex import IndexEntry
 from selsmtp.session import Envelope
-from selsmtp.store import FileStore, cs4410_renderer, mbox_renderer
-from tests.stores import NAME, WAIT, deliver, record
+from selsmtp.store import FileStore
+from tests.stores import NAME, WAIT, deliver, record, store_options
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,36 +43,6 @@ def mbox_record(number: int, body: bytes = b"hello\r\n") -> bytes:
 
 
 RECORD = {"cs4410": record, "mbox": mbox_record}
-
-
-@pytest.fixture
-def mailbox(tmp_path: Path) -> Path:
-    return tmp_path / "mailbox"
-
-
-@pytest.fixture
-def open_store(mailbox: Path) -> Iterator[OpenStore]:
-    """``open_store(fmt, **options)``; every store is closed at teardown."""
-    opened: list[FileStore] = []
-
-    def open_one(fmt: str = "cs4410", **options: Any) -> FileStore:
-        opened.append(FileStore(str(mailbox), **store_options(fmt), **options))
-        return opened[-1]
-
-    yield open_one
-    for one in opened:
-        one.close()
-
-
-def store_options(fmt: str) -> dict[str, Any]:
-    if fmt == "mbox":
-        return {
-            "render": mbox_renderer(NAME),
-            "number_pattern": formats.MBOX_NUMBER,
-            "format": "mbox",
-            "clock": lambda: 0.0,
-        }
-    return {"render": cs4410_renderer(NAME), "format": "cs4410", "clock": lambda: 0.0}
 
 
 def append_foreign(path: Path, data: bytes) -> None:

@@ -363,3 +363,43 @@ def test_a_whole_append_marked_before_a_reboot_is_no_torn_tail(tmp_path: Path) -
         assert reader.pending_append(path, file.fileno()) == len(first)  # not all there
     write_state(path, pending=len(first), end=end, boot="before-the-reboot")
     assert [m.number for m in reader.read_mailbox(path).messages] == [1, 2]
+
+
+# -- one crash rule: the reader judges a pending batch as the store does ----------
+
+
+def _store_keeps(path: Path) -> bool:
+    """Start a store on ``path`` (which settles the state line's pending batch) and
+    say whether it kept every byte."""
+    from selsmtp.store import FileStore, cs4410_renderer
+
+    before = path.read_bytes()
+    FileStore(str(path), cs4410_renderer(NAME)).close()
+    return path.read_bytes() == before
+
+
+def test_a_batch_another_writer_appended_after_is_kept_by_store_and_reader(
+    tmp_path: Path,
+) -> None:
+    """Bytes past where the pending batch would end were appended by another program:
+    the store keeps them, so the reader lists the records in them."""
+    first, second, third = record(1), record(2, b"x" * 200 + b"\r\n"), record(3)
+    path = tmp_path / "box"
+    path.write_bytes(first + second[:40] + b"\n\n" + third * 3)
+    write_state(path, pending=len(first), end=len(first) + len(second), boot=boot_id())
+    assert path.stat().st_size > len(first) + len(second)
+    assert 3 in [m.number for m in reader.read_mailbox(path).messages]
+    assert _store_keeps(path)
+
+
+def test_after_a_reboot_a_pending_offset_with_no_record_head_is_kept_by_both(
+    tmp_path: Path,
+) -> None:
+    """After a reboot, a pending offset where none of our record heads begins is not
+    ours (the file was emptied and written again): both keep what is there."""
+    data = record(4) + record(5)
+    path = tmp_path / "box"
+    path.write_bytes(data)
+    write_state(path, pending=len(record(4)) - 3, end=len(data) + 100, boot="another-boot")
+    assert [m.number for m in reader.read_mailbox(path).messages] == [4, 5]
+    assert _store_keeps(path)

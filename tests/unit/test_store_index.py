@@ -7,7 +7,7 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import pytest
 from selsmtp import formats, mailindex
 from selsmtp.mailindex import IndexEntry
 from selsmtp.session import Envelope
-from selsmtp.store import FileStore, StoreError, cs4410_renderer, mbox_renderer
+from selsmtp.store import FileStore, StoreError, cs4410_renderer
 from tests.stores import NAME, WAIT, deliver, record
 
 pytestmark = pytest.mark.timeout(60)
@@ -29,30 +29,6 @@ FORGED_BODY = (
     b"Hi,\r\n\r\nReceived: from bank.example by mx (CS4410MP3)\r\nNumber: 2\r\n"
     b"From: ceo@corp\r\nTo: victim@corp\r\n\r\nPlease wire the money.\r\n"
 )
-
-
-@pytest.fixture
-def mailbox(tmp_path: Path) -> Path:
-    return tmp_path / "mailbox"
-
-
-@pytest.fixture
-def open_store(mailbox: Path) -> Iterator[OpenStore]:
-    """``open_store(fmt="cs4410", path=mailbox, **options)``; closed at teardown."""
-    opened: list[FileStore] = []
-
-    def open_one(fmt: str = "cs4410", path: Path = mailbox, **options: Any) -> FileStore:
-        if fmt == "mbox":
-            options.setdefault("number_pattern", formats.MBOX_NUMBER)
-            render = mbox_renderer(NAME)
-        else:
-            render = cs4410_renderer(NAME)
-        opened.append(FileStore(str(path), render, format=fmt, clock=lambda: 0.0, **options))
-        return opened[-1]
-
-    yield open_one
-    for one in opened:
-        one.close()
 
 
 def index_of(path: Path) -> list[IndexEntry] | None:
