@@ -6,6 +6,8 @@ Usage (only the standard library is needed; the peers are used where installed):
     python tools/bench.py                        # the full run: every case, 5 repetitions
     python tools/bench.py --quick                # a small run: one repetition, fewer messages
     python tools/bench.py --cases ka200,big20 --servers selsmtp,aiosmtpd --repeat 3
+    python tools/bench.py --cases tls200,tlsconn20 --servers selsmtp,aiosmtpd \
+        --idle-connections 0 --idle-tls-connections 500 --greeting-samples 0
     python tools/bench.py --json out.json --markdown out.md --plot out.svg
 
 How it measures
