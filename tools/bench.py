@@ -6,6 +6,8 @@ Usage (only the standard library is needed; the peers are used where installed):
     python tools/bench.py                        # the full run: every case, 5 repetitions
     python tools/bench.py --quick                # a small run: one repetition, fewer messages
     python tools/bench.py --cases ka200,big20 --servers selsmtp,aiosmtpd --repeat 3
+    python tools/bench.py --cases tls200,tlsconn20 --servers selsmtp,aiosmtpd \
+        --idle-connections 0 --idle-tls-connections 500 --greeting-samples 0
     python tools/bench.py --json out.json --markdown out.md --plot out.svg
 
 How it measures
@@ -38,6 +40,11 @@ stime from ``/proc/PID/stat`` before and after the load), its resident memory pe
 connection (``VmRSS`` growth over ``--idle-connections`` connections that got their
 greeting and then sit idle), and the time from spawning it to the first 220 greeting
 (a client connects in a tight loop; the median of ``--greeting-samples`` starts).
+For the servers that do TLS (selsmtp, aiosmtpd) the memory measure runs again with the
+test certificate loaded, at ``--idle-tls-connections``: once with connections that only
+got their greeting (plain) and once with connections that went through EHLO, STARTTLS,
+the handshake (the certificate checked against the test CA) and EHLO again, so that the
+table shows what an idle TLS session costs beside a plain one.
 
 Delivered messages are counted from the client's report (flood's JSON; smtp-source's
 exit status and elapsed time) and checked against what the mailbox holds afterwards:
@@ -77,6 +84,7 @@ import selectors
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import statistics
 import subprocess
@@ -132,6 +140,9 @@ CASES: tuple[Case, ...] = (
 #: the certificate the TLS cases give every server that can do TLS
 TLS_CERT = TOOLS.parent / "tests" / "certs" / "server.pem"
 TLS_KEY = TOOLS.parent / "tests" / "certs" / "server.key"
+TLS_CA = TOOLS.parent / "tests" / "certs" / "ca.pem"
+#: bound on one STARTTLS exchange while building up idle TLS sessions
+TLS_STEP_TIMEOUT = 10.0
 #: the servers that can run the TLS cases
 TLS_SERVERS = ("selsmtp", "selsmtp-nofsync", "aiosmtpd")
 CASE_KEYS = {case.key: case for case in CASES}
@@ -654,9 +665,46 @@ def load_run(ctx: Context, case: Case, client: str, key: str, rep: int) -> dict[
 # -- idle connections and start-up -------------------------------------------------
 
 
-def hold_connections(port: int, count: int, conn: Any, timeout: float) -> None:
-    """In a child process: open ``count`` connections, read each one's greeting, report,
-    then keep them open until told to close them."""
+def smtp_reply(sock: socket.socket) -> bytes:
+    """Read one whole (possibly multi-line) reply from a blocking socket."""
+    buffer = b""
+    while True:
+        lines = buffer.split(b"\r\n")
+        if any(len(line) >= 4 and line[3:4] == b" " for line in lines[:-1]):
+            return buffer
+        data = sock.recv(4096)
+        if not data:
+            raise OSError(f"connection closed after {buffer[-80:]!r}")
+        buffer += data
+
+
+def start_tls(sock: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket:
+    """EHLO, STARTTLS, the handshake and EHLO again on a connection that got its
+    greeting; what is left is an idle TLS session. Blocking, each step bounded."""
+    sock.setblocking(True)
+    sock.settimeout(TLS_STEP_TIMEOUT)
+    sock.sendall(b"EHLO bench.example\r\n")
+    reply = smtp_reply(sock)
+    if not reply.startswith(b"250") or b"STARTTLS" not in reply.upper():
+        raise OSError(f"no STARTTLS offered: {reply[:80]!r}")
+    sock.sendall(b"STARTTLS\r\n")
+    reply = smtp_reply(sock)
+    if not reply.startswith(b"220"):
+        raise OSError(f"STARTTLS refused: {reply[:80]!r}")
+    tls = context.wrap_socket(sock, server_hostname=HOST)
+    tls.sendall(b"EHLO bench.example\r\n")
+    reply = smtp_reply(tls)
+    if not reply.startswith(b"250"):
+        raise OSError(f"EHLO after STARTTLS refused: {reply[:80]!r}")
+    return tls
+
+
+def hold_connections(
+    port: int, count: int, conn: Any, timeout: float, starttls: bool = False
+) -> None:
+    """In a child process: open ``count`` connections, read each one's greeting (with
+    ``starttls``, then take each through STARTTLS one after the other), report, then
+    keep them open until told to close them."""
     raise_nofile(count + 64)
     selector = selectors.DefaultSelector()
     held: list[socket.socket] = []
@@ -699,6 +747,21 @@ def hold_connections(port: int, count: int, conn: Any, timeout: float) -> None:
                     failures += 1
                     first_failure = first_failure or repr(line[:80])
                     sock.close()
+        if starttls:
+            context = ssl.create_default_context(cafile=str(TLS_CA))
+            plain, held = held, []
+            for sock in plain:
+                if time.monotonic() >= deadline:
+                    failures += 1
+                    first_failure = first_failure or "out of time before STARTTLS"
+                    sock.close()
+                    continue
+                try:
+                    held.append(start_tls(sock, context))
+                except (OSError, ssl.SSLError) as exc:
+                    failures += 1
+                    first_failure = first_failure or f"STARTTLS: {exc}"
+                    sock.close()
         conn.send(
             {"held": len(held), "failures": failures + len(buffers), "first_failure": first_failure}
         )
@@ -709,14 +772,19 @@ def hold_connections(port: int, count: int, conn: Any, timeout: float) -> None:
         selector.close()
 
 
-def idle_run(ctx: Context, key: str, count: int) -> dict[str, Any]:
-    record: dict[str, Any] = {"server": key, "connections": count}
+def idle_run(
+    ctx: Context, key: str, count: int, *, tls: bool = False, starttls: bool = False
+) -> dict[str, Any]:
+    """RSS growth per idle connection. ``tls``: the server has the test certificate;
+    ``starttls``: every connection goes through STARTTLS before it sits idle."""
+    record: dict[str, Any] = {"server": key, "connections": count, "tls": starttls}
     folder = server_folder(ctx)
     context = multiprocessing.get_context("fork")
     per_process = max(1, raise_nofile(count + 256) - 128)
     workers: list[tuple[Any, Any]] = []
+    started = time.perf_counter()
     try:
-        server = start_server(ctx, key, folder, idle=count)
+        server = start_server(ctx, key, folder, idle=count, tls=tls or starttls)
         try:
             time.sleep(0.3)
             before = proc_rss(server.proc.pid)
@@ -726,7 +794,9 @@ def idle_run(ctx: Context, key: str, count: int) -> dict[str, Any]:
                 share = min(per_process, count - first)
                 parent, child = context.Pipe()
                 worker = context.Process(
-                    target=hold_connections, args=(server.port, share, child, 120.0), daemon=True
+                    target=hold_connections,
+                    args=(server.port, share, child, 120.0, starttls),
+                    daemon=True,
                 )
                 worker.start()
                 workers.append((worker, parent))
@@ -754,6 +824,7 @@ def idle_run(ctx: Context, key: str, count: int) -> dict[str, Any]:
             rss_before_bytes=before,
             rss_after_bytes=after,
             bytes_per_connection=round((after - before) / max(held, 1), 1),
+            wall_s=round(time.perf_counter() - started, 2),
         )
         if not alive:
             record["problems"].append(f"the server died: {log_tail(server.log)}")
@@ -1174,6 +1245,7 @@ def markdown(result: dict[str, Any]) -> str:
             else:
                 row.append(DASH)
             out.append("| " + " | ".join(row) + " |")
+    out.extend(idle_tls_table(result.get("idle_tls") or {}))
     if result["targets"]:
         out.append("\n### Targets\n")
         out.append("| target | client | measured | result | margin |")
@@ -1197,6 +1269,39 @@ def markdown(result: dict[str, Any]) -> str:
             f"{'; '.join(failed[0].get('failures', []))[:200]}"
         )
     return "\n".join(out) + "\n"
+
+
+def idle_tls_table(idle_tls: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown rows: KiB per idle connection, plain beside STARTTLS, per server."""
+    if not idle_tls:
+        return []
+    out = ["\n### Memory per idle connection, plain and after STARTTLS\n"]
+    out.append(
+        "| server | connections | plain, KiB per connection | after STARTTLS, KiB per "
+        "connection | TLS costs |"
+    )
+    out.append("|---|--:|--:|--:|--:|")
+    for server, pair in idle_tls.items():
+        cells: list[str] = []
+        per: dict[str, float] = {}
+        for mode in ("plain", "starttls"):
+            entry = pair.get(mode)
+            if entry and entry.get("bytes_per_connection") is not None:
+                per[mode] = entry["bytes_per_connection"] / 1024
+                cells.append(
+                    f"{per[mode]:.1f}" + ("" if entry["ok"] else f" ({entry['held']:,} held)")
+                )
+            else:
+                problems = "; ".join(entry.get("problems", [])) if entry else ""
+                cells.append(f"failed: {problems}"[:80] if entry else DASH)
+        extra = f"+{per['starttls'] - per['plain']:.1f} KiB" if len(per) == 2 else DASH
+        count = max((e.get("connections", 0) for e in pair.values()), default=0)
+        out.append(f"| {SERVERS[server]} | {count:,} | {cells[0]} | {cells[1]} | {extra} |")
+    out.append(
+        "\nBoth with the test certificate loaded; growth of the server's VmRSS over the "
+        "connections, divided by their count."
+    )
+    return out
 
 
 PALETTE = ("#1f77b4", "#aec7e8", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
@@ -1294,8 +1399,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--quick",
         action="store_true",
-        help="a small run: 1 repetition, a tenth of the messages, 1,000 idle connections, "
-        "3 start-ups",
+        help="a small run: 1 repetition, a tenth of the messages, 1,000 idle connections "
+        "(200 for TLS), 3 start-ups",
     )
     add("--repeat", type=int, default=None, metavar="N", help="repetitions per case (5)")
     add(
@@ -1335,6 +1440,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="idle connections for the memory measure; 0 skips it (10000)",
+    )
+    add(
+        "--idle-tls-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="idle connections for the plain-beside-STARTTLS memory measure of the servers "
+        "that do TLS; 0 skips it (500; 200 with --quick)",
     )
     add(
         "--greeting-samples",
@@ -1390,6 +1503,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.idle_connections is not None
         else (1000 if args.quick else 10000)
     )
+    idle_tls_count = (
+        args.idle_tls_connections
+        if args.idle_tls_connections is not None
+        else (200 if args.quick else 500)
+    )
     greetings = (
         args.greeting_samples if args.greeting_samples is not None else (3 if args.quick else 10)
     )
@@ -1427,6 +1545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     runs: list[dict[str, Any]] = []
     idle: dict[str, Any] = {}
+    idle_tls: dict[str, dict[str, Any]] = {}
     greeting: dict[str, Any] = {}
     interrupted = False
     meta: dict[str, Any] = {}
@@ -1462,6 +1581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "selsmtp_source": ctx.root_note,
             "repeat": repeat,
             "scale": scale,
+            "idle_connections": idle_count,
+            "idle_tls_connections": idle_tls_count,
             "duration_cap_s": cap,
             "quick": args.quick,
             "servers": {
@@ -1507,6 +1628,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"idle {key}: {entry.get('bytes_per_connection', '?')} B per connection "
                     f"({entry.get('held', 0)} held){status}"
                 )
+        if idle_tls_count > 0:
+            for key in [s for s in SINGLE_SERVERS if s in servers and s in TLS_SERVERS]:
+                for mode in ("plain", "starttls"):
+                    entry = idle_run(ctx, key, idle_tls_count, tls=True, starttls=mode != "plain")
+                    idle_tls.setdefault(key, {})[mode] = entry
+                    status = "" if entry.get("ok") else f" FAILED {entry.get('problems')}"
+                    note(
+                        f"idle {key} with TLS on, {mode}: "
+                        f"{entry.get('bytes_per_connection', '?')} B per connection "
+                        f"({entry.get('held', 0)} held){status}"
+                    )
         if greetings > 0:
             samples: dict[str, list[float]] = {}
             problems: dict[str, list[str]] = {}
@@ -1549,6 +1681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "meta": meta,
         "summary": table,
         "idle": idle,
+        "idle_tls": idle_tls,
         "greeting": greeting,
         "runs": runs,
     }

@@ -18,7 +18,12 @@ a new one while it still has messages to send. Every wait for a reply is bounded
 ``--duration``, so a run always ends.
 
 With ``--tls`` or ``--starttls`` each connection runs its TLS on memory buffers
-(``ssl.MemoryBIO``) inside the same loop; ``--auth USER:PASS`` adds AUTH PLAIN.
+(``ssl.MemoryBIO``) inside the same loop; ``--auth USER:PASS`` adds AUTH PLAIN. By
+default the server's certificate is not checked (a load tool pointed at a test server
+with a self-signed certificate); ``--cafile FILE`` checks it against that CA and checks
+the host name (``--host``), and a connection whose certificate fails ends with the
+reason, e.g. ``TLS handshake failed: certificate verify failed: unable to get local
+issuer certificate``.
 
 ``--processes P`` forks P such loops and spreads the clients over them; their results
 are merged. Bodies are built from one pre-generated filler buffer by slicing, so no
@@ -204,6 +209,7 @@ class Options:
     tls: bool = False  # implicit TLS from the first byte (point --port at --tls-port)
     starttls: bool = False  # STARTTLS after EHLO, then EHLO again
     auth: tuple[str, str] | None = None  # AUTH PLAIN with this user and password
+    cafile: str | None = None  # check the server's certificate and host name against it
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -294,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--tls", action="store_true", help="implicit TLS (point --port at selsmtp's --tls-port)")
     add("--starttls", action="store_true", help="say STARTTLS after EHLO, then EHLO again")
+    add(
+        "--cafile",
+        default=None,
+        metavar="FILE",
+        help="with --tls/--starttls: check the server's certificate against this CA (PEM) "
+        "and its host name against --host; without it the certificate is NOT checked, "
+        "so that self-signed test certificates work",
+    )
     add("--auth", default=None, metavar="USER:PASS", help="AUTH PLAIN after EHLO")
     add("--mailbox", default=None, help="check this mailbox after the run")
     add(
@@ -335,6 +349,13 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         parser.error("--verify-only needs --mailbox (or a saved file that names one)")
     if args.tls and args.starttls:
         parser.error("--tls and --starttls exclude each other")
+    if args.cafile is not None and not (args.tls or args.starttls):
+        parser.error("--cafile needs --tls or --starttls")
+    if args.cafile is not None:
+        try:
+            tls_context(args.cafile)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"--cafile {args.cafile}: {exc}")
     auth = None
     if args.auth is not None:
         user, colon, password = args.auth.partition(":")
@@ -370,6 +391,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         tls=args.tls,
         starttls=args.starttls,
         auth=auth,
+        cafile=args.cafile,
     )
 
 
@@ -515,6 +537,17 @@ class Client:
         self.tls_resume = False  # the handshake came from STARTTLS: resume the conversation
 
 
+def tls_context(cafile: str | None) -> ssl.SSLContext:
+    """The client side of TLS: with ``cafile``, the certificate and the host name are
+    checked against it; without, nothing is checked (a load tool against test servers)."""
+    if cafile is not None:
+        return ssl.create_default_context(cafile=cafile)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class Worker:
     """One process's share of the clients, driven by one selectors loop."""
 
@@ -531,10 +564,7 @@ class Worker:
         self.rng = random.Random(opts.seed * 1_000_003 + worker)
         self.messages = MessageFactory(opts, self.rng, run_id)
         self.selector = selectors.DefaultSelector()
-        # A load tool, not a mail client: the server's certificate is not checked.
-        self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        self.tls_context.check_hostname = False
-        self.tls_context.verify_mode = ssl.CERT_NONE
+        self.tls_context = tls_context(opts.cafile)
         family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
         self.family = family
         self.address = socket.getaddrinfo(opts.host, opts.port, family, socket.SOCK_STREAM)[0][4]
@@ -761,7 +791,9 @@ class Worker:
     def _start_tls(self, client: Client, *, resume: bool) -> None:
         """Begin a TLS handshake on the client's connection (its ClientHello is queued)."""
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        client.tls = self.tls_context.wrap_bio(incoming, outgoing)
+        client.tls = self.tls_context.wrap_bio(
+            incoming, outgoing, server_hostname=self.opts.host if self.opts.cafile else None
+        )
         client.tls_bios = (incoming, outgoing)
         client.tls_resume = resume
         self._handshake(client)
@@ -775,6 +807,10 @@ class Worker:
             done = True
         except ssl.SSLWantReadError:
             done = False
+        except ssl.SSLCertVerificationError as exc:
+            reason = f"certificate verify failed: {exc.verify_message}"
+            self.feed(client, (0, f"TLS handshake failed: {reason}".encode()))
+            return False
         except ssl.SSLError as exc:
             self.feed(client, (0, f"TLS handshake failed: {exc.reason or exc}".encode()))
             return False

@@ -49,7 +49,7 @@ def test_smoke_run_writes_json_markdown_and_svg(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--cases", "ka20", "--clients", "flood",
          "--servers", ",".join(servers), "--repeat", "1", "--scale", "0.01",
-         "--idle-connections", "50", "--greeting-samples", "1",
+         "--idle-connections", "50", "--idle-tls-connections", "20", "--greeting-samples", "1",
          "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md"),
          "--plot", str(out / "bench.svg")],
         capture_output=True,
@@ -60,7 +60,7 @@ def test_smoke_run_writes_json_markdown_and_svg(tmp_path: Path) -> None:
     assert done.returncode == 0, stderr
     result: dict[str, Any] = json.loads((out / "bench.json").read_text())
 
-    assert set(result) == {"meta", "summary", "idle", "greeting", "runs", "targets"}
+    assert set(result) == {"meta", "summary", "idle", "idle_tls", "greeting", "runs", "targets"}
     meta = result["meta"]
     assert meta["servers_run"] == servers
     assert meta["clients"] == ["flood"]
@@ -91,6 +91,15 @@ def test_smoke_run_writes_json_markdown_and_svg(tmp_path: Path) -> None:
         assert entry["ok"] is True, entry
         assert entry["held"] == 50
         assert entry["rss_after_bytes"] > 0
+    idle_tls = result["idle_tls"]  # the same server with TLS on: plain beside STARTTLS
+    assert set(idle_tls) == {s for s in ("selsmtp", "aiosmtpd") if s in servers}
+    for pair in idle_tls.values():
+        assert set(pair) == {"plain", "starttls"}
+        for entry in pair.values():
+            assert entry["ok"] is True, entry
+            assert entry["held"] == entry["connections"] == 20
+            assert entry["rss_after_bytes"] > 0
+        assert pair["plain"]["tls"] is False and pair["starttls"]["tls"] is True
     greeting = result["greeting"]
     assert set(greeting) == {*idle, "python-floor"}
     for entry in greeting.values():
@@ -107,6 +116,8 @@ def test_smoke_run_writes_json_markdown_and_svg(tmp_path: Path) -> None:
     assert "### Throughput (messages/s)" in markdown
     assert "| case | client | selsmtp |" in markdown
     assert "| 1 KiB, 20 kept-open sessions | flood |" in markdown
+    assert "### Memory per idle connection, plain and after STARTTLS" in markdown
+    assert "| selsmtp | 20 |" in markdown
     assert (
         "### Targets" in markdown and "| target | client | measured | result | margin |" in markdown
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 
 from selsmtp import reader
 
-from .tls import CERT, KEY
+from .tls import CA, CERT, EXPIRED_CERT, EXPIRED_KEY, KEY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FLOOD = REPO_ROOT / "tools" / "flood.py"
@@ -382,3 +383,76 @@ def test_implicit_tls(start_process: Callable[..., SelsmtpProcess]) -> None:
     )  # fmt: skip
     assert_clean(status, report, 12)
     assert report["connections"] == 12
+
+
+# -- checking the server's certificate ---------------------------------------------
+
+
+def test_cafile_verifies_the_server_certificate(
+    start_process: Callable[..., SelsmtpProcess],
+) -> None:
+    server = start_process("--tls-cert", str(CERT), "--tls-key", str(KEY))
+    status, report = flood_against(
+        server, "--starttls", "--cafile", CA, "--clients", "2", "--messages", "2"
+    )
+    assert_clean(status, report, 4)
+
+
+def make_other_ca(folder: Path) -> Path:
+    """A throwaway CA that signed nothing the server holds."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no throwaway CA to test with")
+    pem = folder / "other-ca.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+         str(folder / "other-ca.key"), "-out", str(pem), "-days", "1",
+         "-subj", "/CN=not the selsmtp test CA"],
+        check=True, capture_output=True, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    return pem
+
+
+def test_cafile_that_did_not_sign_the_certificate_fails_clearly(
+    start_process: Callable[..., SelsmtpProcess], tmp_path: Path
+) -> None:
+    other = make_other_ca(tmp_path)
+    server = start_process("--tls-cert", str(CERT), "--tls-key", str(KEY))
+    status, report = flood_against(
+        server, "--starttls", "--cafile", other, "--clients", "1", "--messages", "1"
+    )
+    assert status != 0
+    assert report["ok"] is False
+    assert report["acknowledged"] == 0
+    problems = " ".join(report["failures"])
+    assert "certificate verify failed" in problems, problems
+    assert "unable to get local issuer certificate" in problems, problems
+
+
+def test_cafile_refuses_an_expired_certificate(
+    start_process: Callable[..., SelsmtpProcess],
+) -> None:
+    server = start_process("--tls-cert", str(EXPIRED_CERT), "--tls-key", str(EXPIRED_KEY))
+    status, report = flood_against(
+        server, "--starttls", "--cafile", CA, "--clients", "1", "--messages", "1"
+    )
+    assert status != 0
+    problems = " ".join(report["failures"])
+    assert "certificate has expired" in problems, problems
+
+
+def test_without_cafile_the_certificate_is_not_checked(
+    start_process: Callable[..., SelsmtpProcess],
+) -> None:
+    """The documented default: a self-signed or expired certificate is accepted."""
+    server = start_process("--tls-cert", str(EXPIRED_CERT), "--tls-key", str(EXPIRED_KEY))
+    status, report = flood_against(server, "--starttls", "--clients", "1", "--messages", "2")
+    assert_clean(status, report, 2)
+
+
+def test_cafile_needs_tls() -> None:
+    done = subprocess.run(
+        [sys.executable, str(FLOOD), "--port", "25", "--cafile", str(CA)],
+        capture_output=True, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert b"--cafile needs --tls or --starttls" in done.stderr
