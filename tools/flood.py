@@ -969,7 +969,7 @@ class Worker:
                 self.feed(client, TLS_UP)
                 if client.sock is None:
                     return None
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             try:
                 chunk = tls.read(RECV_SIZE)
