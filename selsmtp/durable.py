@@ -32,6 +32,7 @@ import stat
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 
+from selsmtp import formats
 from selsmtp.session import Deliver
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
@@ -254,13 +255,6 @@ def boot_id() -> str:
     return digits[:16]
 
 
-#: how each file format's first record begins (the format guard reads no further)
-_FIRST_RECORD: Final = (
-    ("cs4410", re.compile(rb"\AReceived: from [^\n]* \(CS4410MP3\)\nNumber: [0-9]")),
-    ("mbox", re.compile(rb"\AFrom ")),
-)
-
-
 _KIND_OF_MAILBOX: Final = {
     "cs4410": "a cs4410 mailbox",
     "mbox": "an mbox mailbox",
@@ -272,9 +266,9 @@ _KIND_OF_MAILBOX: Final = {
 def file_format(fd: int) -> str:
     """The format the first record of the open mailbox file is in; ``""`` if it is
     empty or begins with neither format's record."""
-    head = os.pread(fd, 512, 0)
-    for name, pattern in _FIRST_RECORD:
-        if pattern.match(head):
+    head = os.pread(fd, HEAD_BYTES, 0)
+    for name, module in (("cs4410", formats.cs4410), ("mbox", formats.mbox)):
+        if module.begins_record(head):
             return name
     return ""
 

@@ -45,6 +45,12 @@ FIRST_LINE: Final = re.compile(_FIRST_LINE)
 HEAD: Final = re.compile(_FIRST_LINE + _NUMBER_LINE + rb"From: ([^\s]+)\n((?:To: [^\s]+\n)+)\n")
 #: Finds a record's number (group 1) where the store scans a file for it.
 NUMBER: Final = re.compile(rb"\(CS4410MP3\)\n" + _NUMBER_LINE)
+_BEGINS: Final = re.compile(_FIRST_LINE + rb"Number: [0-9]")
+
+
+def begins_record(data: bytes) -> bool:
+    """Whether ``data`` (the start of a file) begins with a record head."""
+    return _BEGINS.match(data) is not None
 
 
 def head(number: int, envelope: Envelope, server_name: str) -> bytes:

@@ -47,6 +47,11 @@ _MAYBE_FROM_LINE: Final = re.compile(rb">*(F|Fr|Fro|From)?")
 _QUOTED_FROM: Final = re.compile(rb"(?m)^>(>*From )")
 
 
+def begins_record(data: bytes) -> bool:
+    """Whether ``data`` (the start of a file) begins with a message."""
+    return data.startswith(b"From ")
+
+
 def from_line(envelope: Envelope, now: float) -> bytes:
     """The separator line: plain ASCII, so every mbox reader can decode it."""
     sender = envelope.reverse_path

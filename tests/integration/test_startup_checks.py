@@ -17,6 +17,7 @@ import pytest
 
 from selsmtp import formats
 from selsmtp.maildir import MaildirStore
+from selsmtp.session import Deliver, Envelope
 from selsmtp.store import FileStore, cs4410_renderer, mbox_renderer
 from tests.stores import NAME, deliver
 
@@ -74,6 +75,28 @@ def test_a_file_mailbox_of_another_format_is_refused_and_left_alone(
     result = run_selsmtp("--port", "0", "--mailbox", str(mailbox), "--format", asked)
 
     assert_one_line(result, str(mailbox), f"{made} mailbox", f"--format {asked}")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_first_record_with_long_names_still_tells_the_format(tmp_path: Path) -> None:
+    # A HELO name near the 512-byte line limit and a long --name make the first line
+    # longer than a short peek at the file: the guard must still see a cs4410 head.
+    mailbox = tmp_path / "mailbox"
+    envelope = Envelope("h" * 490 + ".test", "a@example.org", ("b@example.org",))
+    store = FileStore(
+        str(mailbox), cs4410_renderer("n" * 250 + ".test"), number_pattern=formats.CS4410_NUMBER
+    )
+    try:
+        store.try_append([Deliver(envelope, b"hello\r\n")])
+    finally:
+        store.close()
+    (tmp_path / "mailbox.selsmtp").unlink()
+    assert mailbox.read_bytes().index(b"\n") > 512
+    before = snapshot(tmp_path)
+
+    result = run_selsmtp("--port", "0", "--mailbox", str(mailbox), "--format", "mbox")
+
+    assert_one_line(result, str(mailbox), "cs4410 mailbox", "--format mbox", "first record")
     assert snapshot(tmp_path) == before
 
 
