@@ -87,6 +87,7 @@ class Connection:
         "deadline",
         "eof",
         "events",
+        "in_deadlines",
         "messages",
         "out",
         "peer",
@@ -113,6 +114,7 @@ class Connection:
         self.eof = False  # the client closed its side
         self.events = 0  # what the selector watches for us now
         self.deadline = now + loop.config.timeout
+        self.in_deadlines = False  # whether the deadline heap has an entry for us (its own)
         self.messages = 0
         self._progress_seen = 0
         #: between the socket and the session once TLS begins (None: plaintext)
