@@ -1601,11 +1601,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for client in clients
             if client == "flood" or case.smtp_source
         ]
-        total = len(plan) * len(servers)
+        # A TLS case runs only the servers that do TLS here (its other cells show a dash).
+        for_case = {c.key: [k for k in servers if not c.tls or k in TLS_SERVERS] for c in cases}
+        total = sum(len(for_case[case.key]) for _, case, _ in plan)
         done = 0
         for rep, case, client in plan:
-            shift = rep % len(servers)
-            for key in servers[shift:] + servers[:shift]:
+            turn = for_case[case.key]
+            shift = rep % len(turn) if turn else 0
+            for key in turn[shift:] + turn[:shift]:
                 done += 1
                 run = load_run(ctx, case, client, key, rep)
                 runs.append(run)

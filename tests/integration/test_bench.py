@@ -127,6 +127,27 @@ def test_smoke_run_writes_json_markdown_and_svg(tmp_path: Path) -> None:
     assert not Path(meta["tmp"]).exists(), "its temporary folder is left behind"
 
 
+def test_a_tls_case_runs_only_the_servers_that_do_tls(tmp_path: Path) -> None:
+    # selsmtp at --log-level warning is not one of them: its cell is a dash, not a
+    # failed run (nor a "Failed runs" line that sends a reader to the JSON).
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--cases", "tlsconn20", "--clients", "flood",
+         "--servers", "selsmtp,selsmtp-warning", "--repeat", "2", "--scale", "0.01",
+         "--idle-connections", "0", "--idle-tls-connections", "0", "--greeting-samples", "0",
+         "--json", str(tmp_path / "bench.json")],
+        capture_output=True,
+        timeout=60,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    result: dict[str, Any] = json.loads((tmp_path / "bench.json").read_text())
+    assert [(run["server"], run["ok"]) for run in result["runs"]] == [("selsmtp", True)] * 2
+    stdout = done.stdout.decode()
+    assert "Failed runs" not in stdout
+    row = next(line for line in stdout.splitlines() if "one STARTTLS connection" in line)
+    assert row.rstrip().endswith("| \N{EN DASH} |"), row
+
+
 def test_targets_pass_and_miss_with_margins() -> None:
     bench = load_bench()
     x = bench.TIMES
