@@ -409,6 +409,17 @@ def test_other_lines_keep_512_bytes_with_auth_on_and_after_an_auth_exchange(
     assert outcome.output == ok + too_long + b"334 \r\n" + AUTH_OK + ok + too_long
 
 
+@pytest.mark.parametrize("overrides", [{}, TLS], ids=["auth-off", "auth-off-with-starttls"])
+def test_with_auth_off_an_auth_line_is_a_command_line_like_any_other(
+    make_session: MakeSession, overrides: dict[str, Any]
+) -> None:
+    # SPEC §3: a command line over 512 bytes is 500. With --auth off AUTH is not a
+    # command at all (502), so its line gets no more room than any other.
+    line = b"AUTH PLAIN " + b"A" * 600 + b"\r\n"
+    outcome = transcript(with_config(make_session, **overrides), line + b"NOOP\r\n")
+    assert outcome.output == b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+
+
 def test_auth_login_with_a_bad_base64_initial_response_is_501(make_session: MakeSession) -> None:
     outcome = authed(make_session, b"AUTH LOGIN !!!!\r\nNOOP\r\n")
     assert outcome.output == BAD_BASE64 + b"250 2.0.0 Ok\r\n"
