@@ -531,7 +531,9 @@ class Session:
             if not initial:
                 self._begin_auth("LOGIN", None)
                 return replies.ASK_USERNAME
-            self._begin_auth("LOGIN", self._text(self._decode(initial)))
+            # RFC 4954 §4: "=" is an initial response of zero length (no user name)
+            user = b"" if initial == "=" else self._decode(initial)
+            self._begin_auth("LOGIN", self._text(user))
             return replies.ASK_PASSWORD
         return replies.AUTH_MECHANISM
 

@@ -420,6 +420,15 @@ def test_with_auth_off_an_auth_line_is_a_command_line_like_any_other(
     assert outcome.output == b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
 
 
+def test_auth_login_with_an_empty_initial_response_asks_for_the_password(
+    make_session: MakeSession,
+) -> None:
+    # RFC 4954 §4: "=" is an initial response of zero length (here: no user name),
+    # not bad base64.
+    outcome = authed(make_session, b"AUTH LOGIN =\r\n" + b64(b"s3cret") + b"\r\n")
+    assert outcome.output == ASK_PASSWORD + AUTH_FAILED
+
+
 def test_auth_login_with_a_bad_base64_initial_response_is_501(make_session: MakeSession) -> None:
     outcome = authed(make_session, b"AUTH LOGIN !!!!\r\nNOOP\r\n")
     assert outcome.output == BAD_BASE64 + b"250 2.0.0 Ok\r\n"
