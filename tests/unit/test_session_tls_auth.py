@@ -435,6 +435,16 @@ def test_auth_login_with_a_bad_base64_initial_response_is_501(make_session: Make
     assert outcome.state is State.READY
 
 
+def test_a_user_with_an_empty_password_takes_only_the_empty_password(
+    make_session: MakeSession,
+) -> None:
+    users = Credentials({"carol": ""})
+    login = b"AUTH LOGIN\r\n" + b64(b"carol") + b"\r\n"
+    for password, reply in ((b"", AUTH_OK), (b"\0", AUTH_FAILED), (b"\0\0\0", AUTH_FAILED)):
+        outcome = authed(make_session, login + b64(password) + b"\r\n", auth_users=users)
+        assert outcome.output == ASK_USERNAME + ASK_PASSWORD + reply, password
+
+
 @pytest.mark.parametrize(
     "attack",
     [
