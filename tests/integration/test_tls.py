@@ -342,3 +342,28 @@ def test_the_email_module_reads_what_came_over_tls(
     assert parsed["Subject"] == "over tls"
     assert "with ESMTPS (TLSv1." in parsed["Received"]
     assert CA.exists()
+
+
+# -- review of issue 11: what the tests above leave open ----------------------------------
+
+
+def test_tls_1_0_and_1_1_are_refused_with_a_log_line(
+    start_server: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="selsmtp")
+    running = start_server(**TLS)
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    # Why the level-0 ciphers: this OpenSSL would not offer TLS 1.1 at all otherwise.
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with pytest.warns(DeprecationWarning):
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    # The client is told why (OpenSSL's protocol_version alert), not left with an EOF.
+    with pytest.raises(ssl.SSLError, match="ALERT_PROTOCOL_VERSION"):
+        smtplib.SMTP_SSL("127.0.0.1", tls_port(running), timeout=WAIT, context=old)
+    wait_for_log(caplog, "TLS failed: UNSUPPORTED_PROTOCOL")
+    with smtplib.SMTP_SSL(
+        "localhost", tls_port(running), timeout=WAIT, context=client_context()
+    ) as modern:
+        assert modern.sock.version() in ("TLSv1.2", "TLSv1.3")  # type: ignore[union-attr]
