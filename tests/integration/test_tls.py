@@ -13,6 +13,7 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from .conftest import (
     WAIT,
     RunningServer,
     WireClient,
+    delivered,
     greeting,
     read_mailbox,
     transaction,
@@ -367,3 +369,48 @@ def test_tls_1_0_and_1_1_are_refused_with_a_log_line(
         "localhost", tls_port(running), timeout=WAIT, context=client_context()
     ) as modern:
         assert modern.sock.version() in ("TLSv1.2", "TLSv1.3")  # type: ignore[union-attr]
+
+
+def test_on_shutdown_tls_clients_get_their_replies_encrypted_and_the_tls_port_closes(
+    start_server: Callable[..., RunningServer], hold_lock: Callable[..., Any], mailbox: Path
+) -> None:
+    # SPEC §6 under TLS: the message whose end arrived gets its 250, the others the
+    # 421, both through TLS; no new client is taken on the implicit-TLS port meanwhile.
+    running = start_server(**TLS)
+    implicit_sock = socket.create_connection(("127.0.0.1", tls_port(running)), timeout=WAIT)
+    starttls_sock = socket.create_connection(running.address, timeout=WAIT)
+    try:
+        implicit = MemoryTLSClient(implicit_sock)
+        implicit.handshake()
+        assert implicit.read_reply() == greeting()
+        plain = WireClient.__new__(WireClient)
+        plain.sock, plain.buffer = starttls_sock, bytearray()
+        assert plain.read_reply() == greeting()
+        assert plain.command("STARTTLS") == READY_FOR_TLS
+        upgraded = MemoryTLSClient(starttls_sock)
+        upgraded.handshake()
+
+        holder = hold_lock(mailbox)
+        implicit.send(b"HELO c\r\n" + transaction("a@b.org", ["c@d.org"], b"drained\r\n"))
+        replies = b""
+        while not replies.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"):
+            replies += implicit.read_reply()
+        upgraded.send(b"NOOP\r\n")
+        assert upgraded.read_reply() == b"250 2.0.0 Ok\r\n"  # so the message was read
+
+        running.server.request_stop()
+        shutting_down = f"421 4.3.2 {NAME} Service shutting down\r\n".encode()
+        assert upgraded.read_reply() == shutting_down
+        with pytest.raises(OSError):  # refused while the server drains
+            socket.create_connection(("127.0.0.1", tls_port(running)), timeout=WAIT).close()
+        assert running.running
+        holder.release()
+        last = implicit.read_reply()
+        if last == delivered(1):  # (the two may come in one record or in two)
+            last += implicit.read_reply()
+        assert last == delivered(1) + shutting_down
+        running.join()
+    finally:
+        implicit_sock.close()
+        starttls_sock.close()
+    assert [r.body for r in read_mailbox(mailbox)] == [b"drained\n"]
