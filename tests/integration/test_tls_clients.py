@@ -5,9 +5,11 @@ log line."""
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -270,3 +272,78 @@ def test_msmtp_as_the_readme_configures_it(
     [record] = read_mailbox(tls_server.mailbox)
     assert record.body.endswith(b"msmtp over TLS\n")
     assert record.name == NAME
+
+
+# -- review of issue 11: what the tests above leave open ----------------------------------
+
+
+def test_a_tls_port_in_use_is_named_in_the_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_selsmtp(
+            "--port", "0", "--mailbox", str(tmp_path / "mb"), *TLS_ARGS[:4], "--tls-port", str(port)
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (--tls-port): " in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+def test_the_users_file_may_be_a_symlink_but_not_a_fifo(tmp_path: Path, users: Path) -> None:
+    fifo = tmp_path / "users.fifo"
+    os.mkfifo(fifo)
+    result = run_selsmtp("--port", "0", "--mailbox", str(tmp_path / "mb"), "--auth", str(fifo))
+    assert result.returncode == 1  # at once: run_selsmtp's timeout would fail a hang
+    assert result.stderr == f"selsmtp: --auth {fifo}: not a regular file\n"
+    link = tmp_path / "users.link"
+    link.symlink_to(users)
+    process = SelsmtpProcess(tmp_path / "mailbox", "--auth", str(link), "--auth-allow-insecure")
+    try:
+        with smtplib.SMTP("localhost", process.port, timeout=WAIT) as client:
+            client.ehlo(HELO)
+            assert client.login("alice", PASSWORD)[0] == 235
+    finally:
+        process.kill()
+
+
+def test_no_password_reaches_a_log_line_whatever_the_auth_exchange_does(
+    tls_server: TLSProcess,
+) -> None:
+    # Beyond the logins above: a bad base64 response, a response too long, a cancel,
+    # the password given as the user name, and clients that close in the middle of
+    # AUTH (after the user, and half-way through the password line), at debug level.
+    b64 = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+    exchanges = [
+        ["AUTH LOGIN", b64("alice"), b64(PASSWORD) + "!"],
+        ["AUTH PLAIN", b64(f"\0alice\0{PASSWORD}") * 400],
+        ["AUTH LOGIN", b64("alice"), "*"],
+        ["AUTH LOGIN", b64(PASSWORD), b64(PASSWORD)],
+        ["AUTH PLAIN " + b64(f"{PASSWORD}\0alice\0{PASSWORD}")],
+        ["AUTH LOGIN " + b64("alice")],  # then closes at the password prompt
+    ]
+    for lines in exchanges:
+        client = smtplib.SMTP("localhost", tls_server.port, timeout=WAIT)
+        try:
+            client.starttls(context=client_context())
+            client.ehlo(HELO)
+            for line in lines:
+                code, _ = client.docmd(line)
+            assert code != 235
+        finally:
+            client.close()  # no QUIT: it would be read as a response to a 334
+    client = smtplib.SMTP("localhost", tls_server.port, timeout=WAIT)
+    try:
+        client.starttls(context=client_context())
+        client.ehlo(HELO)
+        assert client.docmd("AUTH LOGIN", b64("alice"))[0] == 334
+        assert client.sock is not None
+        client.sock.sendall(b64(PASSWORD)[:-2].encode())  # no line end: then gone
+    finally:
+        client.close()
+    err = tls_server.stop()
+    assert err.count("closed (") >= len(exchanges) + 1, err  # every connection logged
+    for secret in (PASSWORD, b64(PASSWORD), b64(f"\0alice\0{PASSWORD}")):
+        for piece in (secret, secret[:12], secret[-12:]):
+            assert piece not in err, piece
