@@ -493,3 +493,22 @@ def test_with_require_tls_ehlo_never_lists_auth_before_tls(make_session: MakeSes
         make_session, **TLS, auth="any", auth_allow_insecure=True, require_tls=True
     )
     assert transcript(config, EHLO).output == ehlo_lines(b"STARTTLS")
+
+
+@pytest.mark.parametrize("verb", [b"STARTTLS", b"AUTH PLAIN " + plain(b"alice", b"s3cret")])
+@pytest.mark.parametrize(
+    "transaction",
+    [b"MAIL FROM:<a@b>\r\n", b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"],
+    ids=["after-mail", "after-rcpt"],
+)
+def test_starttls_and_auth_inside_a_transaction_are_503_in_every_state_of_it(
+    make_session: MakeSession, verb: bytes, transaction: bytes
+) -> None:
+    config = with_config(make_session, **TLS, **AUTH_FILE, auth_allow_insecure=True)
+    outcome = transcript(config, EHLO + transaction + verb + b"\r\nDATA\r\n")
+    in_progress = b"503 5.5.1 Error: MAIL transaction in progress\r\n"
+    assert outcome.output.endswith(
+        in_progress
+        + (GO_AHEAD if b"RCPT" in transaction else b"503 5.5.1 Error: need RCPT command\r\n")
+    )
+    assert outcome.session.auth_user is None
