@@ -347,3 +347,27 @@ def test_no_password_reaches_a_log_line_whatever_the_auth_exchange_does(
     for secret in (PASSWORD, b64(PASSWORD), b64(f"\0alice\0{PASSWORD}")):
         for piece in (secret, secret[:12], secret[-12:]):
             assert piece not in err, piece
+
+
+def test_a_key_with_a_passphrase_is_one_line_naming_the_key_and_never_a_prompt(
+    tmp_path: Path,
+) -> None:
+    # Without this, OpenSSL asked for the passphrase on the terminal: start-up hung
+    # in a terminal, and printed the prompt twice and a wrong cause without one.
+    openssl = need("openssl")
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(
+        [openssl, "pkey", "-in", str(KEY), "-aes256", "-passout", "pass:secret",
+         "-out", str(encrypted)],
+        check=True, capture_output=True, timeout=WAIT,
+    )  # fmt: skip
+    result = run_selsmtp(
+        "--port", "0", "--mailbox", str(tmp_path / "mb"),
+        "--tls-cert", str(CERT), "--tls-key", str(encrypted),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"selsmtp: --tls-key {encrypted}: encrypted with a passphrase; selsmtp needs the "
+        "key without one (openssl pkey -in KEY -out PLAIN.key)\n"
+    )
+    assert result.stdout == ""
