@@ -134,18 +134,22 @@ def test_unusable_certificate_files_exit_1_with_one_line(
         (None, "No such file or directory"),
         ("alice\n", "line 1 is not user:password"),
         ("# nobody\n", "no users"),
+        ("bob:ok\nalice hunter2-secret\n", "line 2 is not user:password"),
+        (":hunter2-secret\n", "line 1 is not user:password"),
+        ("alice:\udcff\n", "not UTF-8"),
     ],
-    ids=["missing", "no-colon", "empty"],
+    ids=["missing", "no-colon", "empty", "space-not-colon", "no-user", "not-utf8"],
 )
 def test_an_unusable_users_file_exits_1_with_one_line(
     tmp_path: Path, content: str | None, says: str
 ) -> None:
     users = tmp_path / "users"
     if content is not None:
-        users.write_text(content)
+        users.write_bytes(content.encode("utf-8", "surrogateescape"))
     result = run_selsmtp("--port", "0", "--mailbox", str(tmp_path / "mb"), "--auth", str(users))
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
+    assert "secret" not in result.stderr  # a malformed line may hold a password
 
 
 @pytest.mark.parametrize(
