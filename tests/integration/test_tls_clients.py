@@ -375,3 +375,23 @@ def test_a_key_with_a_passphrase_is_one_line_naming_the_key_and_never_a_prompt(
         "key without one (openssl pkey -in KEY -out PLAIN.key)\n"
     )
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("more", [[], ["--auth-allow-insecure"]], ids=["never", "insecure"])
+def test_auth_that_can_never_be_offered_is_said_at_start_up(
+    tmp_path: Path, more: list[str]
+) -> None:
+    # The user of issue 11 who runs `--auth any` without a certificate would otherwise
+    # meet smtplib's "SMTP AUTH extension not supported by server" with no hint why.
+    process = SelsmtpProcess(tmp_path / "mailbox", "--auth", "any", *more)
+    try:
+        with smtplib.SMTP("localhost", process.port, timeout=WAIT) as client:
+            client.ehlo(HELO)
+            assert client.has_extn("auth") == bool(more)
+        process.signal(signal.SIGTERM)
+        code, _, err = process.wait()
+    finally:
+        process.kill()
+    assert code == 0, err
+    warning = "--auth without --tls-cert: AUTH is offered only under TLS, so never"
+    assert (warning in err) != bool(more), err
