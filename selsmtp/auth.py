@@ -39,8 +39,12 @@ class Credentials:
     def check(self, user: str, password: str) -> bool:
         expected = self._users.get(user.encode("utf-8", "surrogateescape"))
         given = password.encode("utf-8", "surrogateescape")
-        # Why compare with a dummy for an unknown user: the answer takes as long.
-        return hmac.compare_digest(expected or b"\0" * len(given), given) and expected is not None
+        # Why compare with a dummy for an unknown user: the answer takes as long. Why
+        # not ``expected or dummy``: an empty password would then take any run of NULs.
+        if expected is None:
+            hmac.compare_digest(b"\0" * len(given), given)
+            return False
+        return hmac.compare_digest(expected, given)
 
     def __len__(self) -> int:
         return len(self._users)

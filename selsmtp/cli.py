@@ -208,6 +208,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not config.fsync:
         log.warning("--no-fsync: acknowledged messages can be lost in a crash (benchmarks only)")
+    if config.auth != "off" and not config.starttls and not config.auth_allow_insecure:
+        # Why: valid (as Postfix's smtpd_tls_auth_only), but clients then only say that
+        # the server does not support AUTH.
+        log.warning(
+            "--auth without --tls-cert: AUTH is offered only under TLS, so never "
+            "(add --tls-cert and --tls-key, or --auth-allow-insecure)"
+        )
     try:
         server = Server(config)
     except StartupError as exc:

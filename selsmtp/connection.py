@@ -14,11 +14,13 @@ sees them, replies go through it before they reach the output buffer, and ``out`
 then holds ciphertext. The 220 to STARTTLS is the last plaintext sent; everything the
 session buffered behind it is discarded by the session. On the implicit-TLS port the
 greeting waits for the handshake. A handshake that fails closes the connection with a
-log line; one that stalls is closed by the line deadline, which it counts against.
+log line, after one try to send OpenSSL's alert; one that stalls is closed by the line
+deadline, which it counts against.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import selectors
 import socket
@@ -186,6 +188,7 @@ class Connection:
                     return
             plaintext, ended = tls.read()
         except OSError as exc:  # ssl.SSLError is one
+            self._send_alert(tls)
             self.close(f"TLS failed: {getattr(exc, 'reason', None) or exc}")
             return
         if plaintext:
@@ -193,6 +196,14 @@ class Connection:
         if ended and self.sock is not None:
             self.eof = True
             self.apply(self.session.receive(b""), now)
+
+    def _send_alert(self, tls: TLSTransport) -> None:
+        """One try, without waiting, to send the alert OpenSSL queued when TLS failed
+        (a client offering TLS 1.1 then learns why, instead of seeing the socket close)."""
+        self.out += tls.pending()
+        if self.out and self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.send(self.out)
 
     def apply(self, actions: Iterable[Action], now: float) -> None:
         """Carry out the session's actions, then send what the kernel takes."""

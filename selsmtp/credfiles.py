@@ -74,7 +74,14 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     # work at will, inside one connection (a cheap denial of service).
     context.options |= ssl.OP_NO_RENEGOTIATION
     try:
-        context.load_cert_chain(cert, key)
+        # Why a callback: without one OpenSSL asks for a passphrase on the terminal,
+        # which hangs a start-up in a terminal and garbles the one-line error without.
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except _Encrypted:
+        raise StartupError(
+            f"--tls-key {key}: encrypted with a passphrase; selsmtp needs the key without "
+            "one (openssl pkey -in KEY -out PLAIN.key)"
+        ) from None
     except ssl.SSLError as exc:
         raise StartupError(
             f"--tls-cert {cert} and --tls-key {key} cannot be used: {exc.reason or exc}"
@@ -82,3 +89,12 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     except OSError as exc:
         raise StartupError(f"--tls-cert {cert}: {exc.strerror or exc}") from None
     return context
+
+
+class _Encrypted(Exception):
+    """The key asked for a passphrase (raised by :func:`_no_passphrase`)."""
+
+
+def _no_passphrase() -> bytes:
+    """OpenSSL's passphrase callback: called only for an encrypted key."""
+    raise _Encrypted

@@ -25,6 +25,7 @@ import selectors
 import socket
 
 from selsmtp import replies
+from selsmtp.store import StartupError
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
@@ -112,6 +113,13 @@ class Listeners:
         if config.tls_port is not None:
             try:
                 self._tls_listener = open_listener(config.host, config.tls_port)
+            except OSError as exc:
+                self.close()
+                # Why: the command line's own message would name --port, which is fine.
+                where = format_address((config.host, config.tls_port))
+                raise StartupError(
+                    f"cannot listen on {where} (--tls-port): {exc.strerror or exc}"
+                ) from None
             except BaseException:
                 self.close()
                 raise

@@ -22,8 +22,8 @@ the handshake the session starts over: HELO/EHLO again, no AUTH remembered.
 
 ``AUTH`` (RFC 4954) runs its 334 challenges in state ``AUTH``, where each line is a
 response, not a command. Those lines, and command lines that begin with ``AUTH``,
-may be :data:`~selsmtp.auth.MAX_AUTH_LINE` bytes long; every other line keeps the
-512-byte limit.
+may be :data:`~selsmtp.auth.MAX_AUTH_LINE` bytes long when AUTH is on; every other
+line (and, with ``--auth off``, every line) keeps the 512-byte limit.
 
 After a ``Deliver`` the session is *paused* (state ``DELIVERING``): it keeps whatever
 input arrives but does not read it until the store has answered, because the reply
@@ -210,7 +210,11 @@ class Session:
         self._named = replies.named_replies(config.name, config.max_message_size)
         self._new_spool = new_spool
         self._buffer = bytearray()
-        self._lines = LineReader(MAX_COMMAND_LINE, auth.MAX_AUTH_LINE)
+        # Why not always: with --auth off AUTH is no command (502), and its line gets
+        # no more room than any other (SPEC §3).
+        self._lines = LineReader(
+            MAX_COMMAND_LINE, None if config.auth == "off" else auth.MAX_AUTH_LINE
+        )
         self._hidden = HIDDEN_VERBS[config.starttls, config.auth != "off"]
         #: during an AUTH exchange: the mechanism, and for LOGIN the user once given
         self._auth_pending: tuple[str, str | None] | None = None
@@ -527,7 +531,9 @@ class Session:
             if not initial:
                 self._begin_auth("LOGIN", None)
                 return replies.ASK_USERNAME
-            self._begin_auth("LOGIN", self._text(self._decode(initial)))
+            # RFC 4954 §4: "=" is an initial response of zero length (no user name)
+            user = b"" if initial == "=" else self._decode(initial)
+            self._begin_auth("LOGIN", self._text(user))
             return replies.ASK_PASSWORD
         return replies.AUTH_MECHANISM
 

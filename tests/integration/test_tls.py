@@ -13,6 +13,7 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from .conftest import (
     WAIT,
     RunningServer,
     WireClient,
+    delivered,
     greeting,
     read_mailbox,
     transaction,
@@ -342,3 +344,79 @@ def test_the_email_module_reads_what_came_over_tls(
     assert parsed["Subject"] == "over tls"
     assert "with ESMTPS (TLSv1." in parsed["Received"]
     assert CA.exists()
+
+
+# -- review of issue 11: what the tests above leave open ----------------------------------
+
+
+def test_tls_1_0_and_1_1_are_refused_with_a_log_line(
+    start_server: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="selsmtp")
+    running = start_server(**TLS)
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    # Why the level-0 ciphers: this OpenSSL would not offer TLS 1.1 at all otherwise.
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with pytest.warns(DeprecationWarning):
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    try:  # can this OpenSSL offer TLS 1.1 at all? (a build may leave it out)
+        old.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO()).do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    except ssl.SSLError as exc:
+        pytest.skip(f"this OpenSSL cannot offer TLS 1.0/1.1: {exc}")
+    # The client is told why (OpenSSL's protocol_version alert), not left with an EOF.
+    with pytest.raises(ssl.SSLError, match="ALERT_PROTOCOL_VERSION"):
+        smtplib.SMTP_SSL("127.0.0.1", tls_port(running), timeout=WAIT, context=old)
+    wait_for_log(caplog, "TLS failed: UNSUPPORTED_PROTOCOL")
+    with smtplib.SMTP_SSL(
+        "localhost", tls_port(running), timeout=WAIT, context=client_context()
+    ) as modern:
+        assert modern.sock.version() in ("TLSv1.2", "TLSv1.3")  # type: ignore[union-attr]
+
+
+def test_on_shutdown_tls_clients_get_their_replies_encrypted_and_the_tls_port_closes(
+    start_server: Callable[..., RunningServer], hold_lock: Callable[..., Any], mailbox: Path
+) -> None:
+    # SPEC §6 under TLS: the message whose end arrived gets its 250, the others the
+    # 421, both through TLS; no new client is taken on the implicit-TLS port meanwhile.
+    running = start_server(**TLS)
+    implicit_sock = socket.create_connection(("127.0.0.1", tls_port(running)), timeout=WAIT)
+    starttls_sock = socket.create_connection(running.address, timeout=WAIT)
+    try:
+        implicit = MemoryTLSClient(implicit_sock)
+        implicit.handshake()
+        assert implicit.read_reply() == greeting()
+        plain = WireClient.__new__(WireClient)
+        plain.sock, plain.buffer = starttls_sock, bytearray()
+        assert plain.read_reply() == greeting()
+        assert plain.command("STARTTLS") == READY_FOR_TLS
+        upgraded = MemoryTLSClient(starttls_sock)
+        upgraded.handshake()
+
+        holder = hold_lock(mailbox)
+        implicit.send(b"HELO c\r\n" + transaction("a@b.org", ["c@d.org"], b"drained\r\n"))
+        replies = b""
+        while not replies.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"):
+            replies += implicit.read_reply()
+        upgraded.send(b"NOOP\r\n")
+        assert upgraded.read_reply() == b"250 2.0.0 Ok\r\n"  # so the message was read
+
+        running.server.request_stop()
+        shutting_down = f"421 4.3.2 {NAME} Service shutting down\r\n".encode()
+        assert upgraded.read_reply() == shutting_down
+        with pytest.raises(OSError):  # refused while the server drains
+            socket.create_connection(("127.0.0.1", tls_port(running)), timeout=WAIT).close()
+        assert running.running
+        holder.release()
+        last = implicit.read_reply()
+        if last == delivered(1):  # (the two may come in one record or in two)
+            last += implicit.read_reply()
+        assert last == delivered(1) + shutting_down
+        running.join()
+    finally:
+        implicit_sock.close()
+        starttls_sock.close()
+    assert [r.body for r in read_mailbox(mailbox)] == [b"drained\n"]

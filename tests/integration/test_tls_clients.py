@@ -5,9 +5,11 @@ log line."""
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,18 +134,22 @@ def test_unusable_certificate_files_exit_1_with_one_line(
         (None, "No such file or directory"),
         ("alice\n", "line 1 is not user:password"),
         ("# nobody\n", "no users"),
+        ("bob:ok\nalice hunter2-secret\n", "line 2 is not user:password"),
+        (":hunter2-secret\n", "line 1 is not user:password"),
+        ("alice:\udcff\n", "not UTF-8"),
     ],
-    ids=["missing", "no-colon", "empty"],
+    ids=["missing", "no-colon", "empty", "space-not-colon", "no-user", "not-utf8"],
 )
 def test_an_unusable_users_file_exits_1_with_one_line(
     tmp_path: Path, content: str | None, says: str
 ) -> None:
     users = tmp_path / "users"
     if content is not None:
-        users.write_text(content)
+        users.write_bytes(content.encode("utf-8", "surrogateescape"))
     result = run_selsmtp("--port", "0", "--mailbox", str(tmp_path / "mb"), "--auth", str(users))
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
+    assert "secret" not in result.stderr  # a malformed line may hold a password
 
 
 @pytest.mark.parametrize(
@@ -270,3 +276,122 @@ def test_msmtp_as_the_readme_configures_it(
     [record] = read_mailbox(tls_server.mailbox)
     assert record.body.endswith(b"msmtp over TLS\n")
     assert record.name == NAME
+
+
+# -- review of issue 11: what the tests above leave open ----------------------------------
+
+
+def test_a_tls_port_in_use_is_named_in_the_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_selsmtp(
+            "--port", "0", "--mailbox", str(tmp_path / "mb"), *TLS_ARGS[:4], "--tls-port", str(port)
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (--tls-port): " in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+def test_the_users_file_may_be_a_symlink_but_not_a_fifo(tmp_path: Path, users: Path) -> None:
+    fifo = tmp_path / "users.fifo"
+    os.mkfifo(fifo)
+    result = run_selsmtp("--port", "0", "--mailbox", str(tmp_path / "mb"), "--auth", str(fifo))
+    assert result.returncode == 1  # at once: run_selsmtp's timeout would fail a hang
+    assert result.stderr == f"selsmtp: --auth {fifo}: not a regular file\n"
+    link = tmp_path / "users.link"
+    link.symlink_to(users)
+    process = SelsmtpProcess(tmp_path / "mailbox", "--auth", str(link), "--auth-allow-insecure")
+    try:
+        with smtplib.SMTP("localhost", process.port, timeout=WAIT) as client:
+            client.ehlo(HELO)
+            assert client.login("alice", PASSWORD)[0] == 235
+    finally:
+        process.kill()
+
+
+def test_no_password_reaches_a_log_line_whatever_the_auth_exchange_does(
+    tls_server: TLSProcess,
+) -> None:
+    # Beyond the logins above: a bad base64 response, a response too long, a cancel,
+    # the password given as the user name, and clients that close in the middle of
+    # AUTH (after the user, and half-way through the password line), at debug level.
+    b64 = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+    exchanges = [
+        ["AUTH LOGIN", b64("alice"), b64(PASSWORD) + "!"],
+        ["AUTH PLAIN", b64(f"\0alice\0{PASSWORD}") * 400],
+        ["AUTH LOGIN", b64("alice"), "*"],
+        ["AUTH LOGIN", b64(PASSWORD), b64(PASSWORD)],
+        ["AUTH PLAIN " + b64(f"{PASSWORD}\0alice\0{PASSWORD}")],
+        ["AUTH LOGIN " + b64("alice")],  # then closes at the password prompt
+    ]
+    for lines in exchanges:
+        client = smtplib.SMTP("localhost", tls_server.port, timeout=WAIT)
+        try:
+            client.starttls(context=client_context())
+            client.ehlo(HELO)
+            for line in lines:
+                code, _ = client.docmd(line)
+            assert code != 235
+        finally:
+            client.close()  # no QUIT: it would be read as a response to a 334
+    client = smtplib.SMTP("localhost", tls_server.port, timeout=WAIT)
+    try:
+        client.starttls(context=client_context())
+        client.ehlo(HELO)
+        assert client.docmd("AUTH LOGIN", b64("alice"))[0] == 334
+        assert client.sock is not None
+        client.sock.sendall(b64(PASSWORD)[:-2].encode())  # no line end: then gone
+    finally:
+        client.close()
+    err = tls_server.stop()
+    assert err.count("closed (") >= len(exchanges) + 1, err  # every connection logged
+    for secret in (PASSWORD, b64(PASSWORD), b64(f"\0alice\0{PASSWORD}")):
+        for piece in (secret, secret[:12], secret[-12:]):
+            assert piece not in err, piece
+
+
+def test_a_key_with_a_passphrase_is_one_line_naming_the_key_and_never_a_prompt(
+    tmp_path: Path,
+) -> None:
+    # Without this, OpenSSL asked for the passphrase on the terminal: start-up hung
+    # in a terminal, and printed the prompt twice and a wrong cause without one.
+    openssl = need("openssl")
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(
+        [openssl, "pkey", "-in", str(KEY), "-aes256", "-passout", "pass:secret",
+         "-out", str(encrypted)],
+        check=True, capture_output=True, timeout=WAIT,
+    )  # fmt: skip
+    result = run_selsmtp(
+        "--port", "0", "--mailbox", str(tmp_path / "mb"),
+        "--tls-cert", str(CERT), "--tls-key", str(encrypted),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"selsmtp: --tls-key {encrypted}: encrypted with a passphrase; selsmtp needs the "
+        "key without one (openssl pkey -in KEY -out PLAIN.key)\n"
+    )
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("more", [[], ["--auth-allow-insecure"]], ids=["never", "insecure"])
+def test_auth_that_can_never_be_offered_is_said_at_start_up(
+    tmp_path: Path, more: list[str]
+) -> None:
+    # The user of issue 11 who runs `--auth any` without a certificate would otherwise
+    # meet smtplib's "SMTP AUTH extension not supported by server" with no hint why.
+    process = SelsmtpProcess(tmp_path / "mailbox", "--auth", "any", *more)
+    try:
+        with smtplib.SMTP("localhost", process.port, timeout=WAIT) as client:
+            client.ehlo(HELO)
+            assert client.has_extn("auth") == bool(more)
+        process.signal(signal.SIGTERM)
+        code, _, err = process.wait()
+    finally:
+        process.kill()
+    assert code == 0, err
+    warning = "--auth without --tls-cert: AUTH is offered only under TLS, so never"
+    assert (warning in err) != bool(more), err

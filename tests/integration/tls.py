@@ -78,10 +78,13 @@ class MemoryTLSClient:
         data = b""
         while True:
             try:
-                data += self.tls.read(65536)
+                chunk = self.tls.read(65536)
             except ssl.SSLWantReadError:
                 self._fill(deadline)
                 continue
+            if not chunk:  # Why: after the server's close_notify, read() returns b"" forever
+                raise ConnectionError(f"the server ended TLS; a partial reply: {data!r}")
+            data += chunk
             lines = data.split(b"\r\n")
             complete = lines[:-1]
             if complete and complete[-1][3:4] == b" ":

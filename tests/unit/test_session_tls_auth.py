@@ -347,3 +347,168 @@ def test_failed_auth_counts_toward_the_error_cap(make_session: MakeSession) -> N
     wrong = b"AUTH PLAIN " + plain(b"alice", b"wrong") + b"\r\n"
     outcome = authed(make_session, wrong * 3, max_errors=3)
     assert outcome.output == AUTH_FAILED * 3 + TOO_MANY_ERRORS + CLOSE_MARK
+
+
+# -- review of issue 11: boundaries and attacks the tests above leave open -------------
+
+
+def auth_line(length: int, ending: bytes = b"\r\n") -> bytes:
+    """``AUTH PLAIN <base64>`` of exactly ``length`` bytes, line ending included, whose
+    base64 is valid (alice with a wrong password: its reply is 535, not 501)."""
+    head = b"AUTH PLAIN "
+    room = length - len(head) - len(ending)
+    # base64 comes in blocks of 4; the password's own length picks the block count,
+    # and spaces (stripped by the session) pad the line to the exact length.
+    raw = (room // 4) * 3
+    encoded = plain(b"alice", b"p" * (raw - len(b"\0alice\0")))
+    assert len(encoded) <= room
+    return head + encoded + b" " * (room - len(encoded)) + ending
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b"\n"], ids=["crlf", "lf"])
+def test_an_auth_command_line_of_exactly_12288_bytes_is_read_and_one_more_is_too_long(
+    make_session: MakeSession, ending: bytes
+) -> None:
+    line = auth_line(12288, ending)
+    assert len(line) == 12288
+    outcome = authed(make_session, line + b"NOOP\r\n")
+    assert outcome.output == AUTH_FAILED + b"250 2.0.0 Ok\r\n"
+    longer = auth_line(12289, ending)
+    assert len(longer) == 12289
+    outcome = authed(make_session, longer + b"NOOP\r\n")
+    assert outcome.output == b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b"\n"], ids=["crlf", "lf"])
+def test_an_auth_response_of_exactly_12288_bytes_is_read_and_one_more_is_too_long(
+    make_session: MakeSession, ending: bytes
+) -> None:
+    response = auth_line(12288, ending)[len(b"AUTH PLAIN ") - 1 :]
+    response = b" " * (12288 - len(response)) + response  # spaces are stripped
+    assert len(response) == 12288
+    outcome = authed(make_session, b"AUTH PLAIN\r\n" + response + b"NOOP\r\n")
+    assert outcome.output == b"334 \r\n" + AUTH_FAILED + b"250 2.0.0 Ok\r\n"
+    outcome = authed(make_session, b"AUTH PLAIN\r\n" + b" " + response + b"NOOP\r\n")
+    assert outcome.output == (
+        b"334 \r\n500 5.5.6 Authentication exchange line is too long\r\n250 2.0.0 Ok\r\n"
+    )
+
+
+def noop_of(length: int) -> bytes:
+    return b"NOOP " + b"x" * (length - len(b"NOOP \r\n")) + b"\r\n"
+
+
+def test_other_lines_keep_512_bytes_with_auth_on_and_after_an_auth_exchange(
+    make_session: MakeSession,
+) -> None:
+    exchange = b"AUTH PLAIN\r\n" + plain(b"alice", b"s3cret") + b"\r\n"
+    outcome = authed(
+        make_session, noop_of(512) + noop_of(513) + exchange + noop_of(512) + noop_of(513)
+    )
+    ok, too_long = b"250 2.0.0 Ok\r\n", b"500 5.5.2 Error: line too long\r\n"
+    assert outcome.output == ok + too_long + b"334 \r\n" + AUTH_OK + ok + too_long
+
+
+@pytest.mark.parametrize("overrides", [{}, TLS], ids=["auth-off", "auth-off-with-starttls"])
+def test_with_auth_off_an_auth_line_is_a_command_line_like_any_other(
+    make_session: MakeSession, overrides: dict[str, Any]
+) -> None:
+    # SPEC §3: a command line over 512 bytes is 500. With --auth off AUTH is not a
+    # command at all (502), so its line gets no more room than any other.
+    line = b"AUTH PLAIN " + b"A" * 600 + b"\r\n"
+    outcome = transcript(with_config(make_session, **overrides), line + b"NOOP\r\n")
+    assert outcome.output == b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+
+
+def test_auth_login_with_an_empty_initial_response_asks_for_the_password(
+    make_session: MakeSession,
+) -> None:
+    # RFC 4954 §4: "=" is an initial response of zero length (here: no user name),
+    # not bad base64.
+    outcome = authed(make_session, b"AUTH LOGIN =\r\n" + b64(b"s3cret") + b"\r\n")
+    assert outcome.output == ASK_PASSWORD + AUTH_FAILED
+
+
+def test_auth_login_with_a_bad_base64_initial_response_is_501(make_session: MakeSession) -> None:
+    outcome = authed(make_session, b"AUTH LOGIN !!!!\r\nNOOP\r\n")
+    assert outcome.output == BAD_BASE64 + b"250 2.0.0 Ok\r\n"
+    assert outcome.state is State.READY
+
+
+def test_a_user_with_an_empty_password_takes_only_the_empty_password(
+    make_session: MakeSession,
+) -> None:
+    users = Credentials({"carol": ""})
+    login = b"AUTH LOGIN\r\n" + b64(b"carol") + b"\r\n"
+    for password, reply in ((b"", AUTH_OK), (b"\0", AUTH_FAILED), (b"\0\0\0", AUTH_FAILED)):
+        outcome = authed(make_session, login + b64(password) + b"\r\n", auth_users=users)
+        assert outcome.output == ASK_USERNAME + ASK_PASSWORD + reply, password
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        EHLO + b"STARTTLS\r\nMAIL FROM:<x>\r\n",
+        EHLO + b"STARTTLS\r\nNOOP\r\n",
+        EHLO + b"STARTTLS\nMAIL FROM:<x>\n",
+        EHLO + b"STARTTLS\r\nAUTH PLAIN\r\n",
+        EHLO + b"STARTTLS\r\n" + b"x" * 700,  # a line too long, half-read
+        EHLO + message(b"x\r\n") + b"STARTTLS\r\nMAIL FROM:<x>\r\n",  # behind a message
+    ],
+    ids=["mail", "noop", "bare-lf", "auth", "too-long", "behind-data"],
+)
+def test_nothing_pipelined_behind_starttls_survives_the_handshake_in_any_split(
+    make_session: MakeSession, attack: bytes
+) -> None:
+    # Each split of the attack, then the handshake, then one command: only its reply.
+    expected = READY_FOR_TLS + STARTTLS_MARK
+    for chunks in [[attack], [attack[i : i + 1] for i in range(len(attack))]] + [
+        [attack[:at], attack[at:]] for at in range(1, len(attack))
+    ]:
+        session = make_session(**TLS, auth="any")
+        output = converse(session, *chunks)
+        assert output.endswith(expected), chunks
+        assert session.tls_started(TLS_VERSION, TLS_CIPHER) == []
+        assert converse(session, b"NOOP\r\n") == b"250 2.0.0 Ok\r\n", chunks
+        assert converse(session, EHLO) == ehlo_lines(b"AUTH PLAIN LOGIN"), chunks
+
+
+def test_on_the_implicit_tls_port_ehlo_lists_auth_and_never_starttls(
+    make_session: MakeSession,
+) -> None:
+    def implicit() -> Session:
+        session = make_session(**TLS, auth="any")
+        assert session.tls_started(TLS_VERSION, TLS_CIPHER) == []
+        return session
+
+    outcome = transcript(implicit, EHLO + b"STARTTLS\r\n")
+    assert outcome.output == ehlo_lines(b"AUTH PLAIN LOGIN") + (
+        b"503 5.5.1 Error: TLS already active\r\n"
+    )
+
+
+def test_with_require_tls_ehlo_never_lists_auth_before_tls(make_session: MakeSession) -> None:
+    # AUTH cannot succeed there (530), even with --auth-allow-insecure.
+    config = with_config(
+        make_session, **TLS, auth="any", auth_allow_insecure=True, require_tls=True
+    )
+    assert transcript(config, EHLO).output == ehlo_lines(b"STARTTLS")
+
+
+@pytest.mark.parametrize("verb", [b"STARTTLS", b"AUTH PLAIN " + plain(b"alice", b"s3cret")])
+@pytest.mark.parametrize(
+    "transaction",
+    [b"MAIL FROM:<a@b>\r\n", b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"],
+    ids=["after-mail", "after-rcpt"],
+)
+def test_starttls_and_auth_inside_a_transaction_are_503_in_every_state_of_it(
+    make_session: MakeSession, verb: bytes, transaction: bytes
+) -> None:
+    config = with_config(make_session, **TLS, **AUTH_FILE, auth_allow_insecure=True)
+    outcome = transcript(config, EHLO + transaction + verb + b"\r\nDATA\r\n")
+    in_progress = b"503 5.5.1 Error: MAIL transaction in progress\r\n"
+    assert outcome.output.endswith(
+        in_progress
+        + (GO_AHEAD if b"RCPT" in transaction else b"503 5.5.1 Error: need RCPT command\r\n")
+    )
+    assert outcome.session.auth_user is None
