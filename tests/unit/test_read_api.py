@@ -199,6 +199,30 @@ def test_a_torn_record_in_the_middle_is_a_problem_and_the_records_after_it_are_f
     assert box[1].offset == problem.offset + problem.length
 
 
+@pytest.mark.parametrize("fmt", ["cs4410", "mbox"])
+@pytest.mark.parametrize("damage", [b"junk another program left\n", b"F", b"\n"])
+def test_records_after_damage_at_the_start_of_the_file_are_found(
+    tmp_path: Path, fmt: str, damage: bytes
+) -> None:
+    # The file's first bytes are no record (another writer's junk, a lone "F" that
+    # could begin an mbox "From ", `echo > mailbox`): the format is still known
+    # (the state file and the index record it), so the records after it are found.
+    path = tmp_path / "mailbox"
+    path.write_bytes(damage)
+    store = open_store(fmt, path)
+    try:
+        store.try_append([Deliver(BCC, b"one\r\n"), Deliver(BCC, b"two\r\n")])
+    finally:
+        store.close()
+
+    box = read_mailbox(path)
+
+    assert box.format == fmt
+    assert [(m.number, m.raw) for m in box] == [(1, b"one\n"), (2, b"two\n")]
+    [problem] = box.problems
+    assert (problem.offset, problem.kind.value) == (0, "garbage")
+
+
 def test_an_8bit_sender_reads_back_from_every_format(tmp_path: Path) -> None:
     for fmt in ("cs4410", "mbox", "maildir"):
         store = open_store(fmt, tmp_path / fmt)
