@@ -433,7 +433,9 @@ class FileStore:
         listed = index is not None and index.describes(st.st_dev, st.st_ino)
         if listed and index is not None and index.last and index.end == size:
             return b""
-        tail = (b"\n\n" + os.pread(self._fd, 2, max(0, size - 2)))[-2:]
+        # A file of one LF (``echo > mailbox``) does not end with a blank line: a
+        # record after it would follow no "\n\n", and a parser would not find it.
+        tail = (b"\0\0" + os.pread(self._fd, 2, max(0, size - 2)))[-2:]
         if tail == b"\n\n":
             self._boundary = (st.st_dev, st.st_ino, size)
             return b""
