@@ -441,8 +441,9 @@ def pending_verdict(
       replaced, or it ends at or before the batch's start);
     * ``"whole"``: after a reboot, every byte of the batch is in the file; its fsync
       may have finished and its 250 gone out: keep it, committed up to ``state.end``;
-    * ``"not-ours"``: after a reboot, no record head of ours begins at the offset (the
-      file was emptied and written again since): keep everything;
+    * ``"not-ours"``: no record head of ours begins at the offset (a consumer emptied
+      the file and another program wrote into it since, before or after a reboot):
+      keep everything;
     * ``"appended"``: the file reaches past where the batch would end: another
       program appended after it, and cutting would destroy its bytes: keep them;
     * ``"cut"``: the bytes from ``state.pending`` on are our torn batch: cut them
@@ -452,11 +453,10 @@ def pending_verdict(
         return "none"
     if (st.st_dev, st.st_ino) != (state.dev, state.ino) or st.st_size <= state.pending:
         return "none"
-    if rebooted:
-        if state.pending <= state.end <= st.st_size:
-            return "whole"
-        if not _record_head(read_at(state.pending), state.number, number_pattern):
-            return "not-ours"
+    if rebooted and state.pending <= state.end <= st.st_size:
+        return "whole"
+    if not _record_head(read_at(state.pending), state.number, number_pattern):
+        return "not-ours"
     if 0 <= state.end < st.st_size:
         return "appended"
     return "cut"

@@ -49,8 +49,9 @@ Why the line needs no fsync per batch: after a crash of the process alone, the p
 cache still holds the last line written, fsync'd or not. It says a batch was being
 written only if its fsync had not finished, so no 250 went out, and the bytes past
 the batch's start are a torn tail, removed at start-up (whole or not), unless they
-reach past where the batch would have ended: then another program appended after it
-while we were down, and nothing is cut (see "Record boundaries"). Bytes past the
+reach past where the batch would have ended, or no record head of ours begins where
+it did (a consumer emptied the file since): then another program wrote them while
+we were down, and nothing is cut (see "Record boundaries"). Bytes past the
 committed length with no batch in progress were appended by another program under
 the lock and are kept. This crash rule exists once, as
 :func:`~selsmtp.durable.pending_verdict`: the readers hide exactly the bytes it cuts.
@@ -811,8 +812,10 @@ class FileStore:
         saved = self._state
         st = os.fstat(self._fd)
         verdict = self._pending_verdict(st, rebooted=False)
-        if verdict == "none":
-            pass  # the file was emptied or replaced since: nothing of ours is left in it
+        if verdict in ("none", "not-ours"):
+            # The file was emptied or replaced since: nothing of ours is left in it,
+            # and whatever another program wrote there since is kept.
+            pass
         elif st.st_size != self._torn_size:
             # Another program appended after the torn tail while we waited for the
             # lock. Cutting would destroy its records, so the tail stays, and says so.

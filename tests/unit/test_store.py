@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from selsmtp import formats, instance, store
+from selsmtp import formats, instance, reader, store
 from selsmtp.durable import State
 from selsmtp.session import Deliver
 from selsmtp.store import FileStore, StartupError, StoreError, cs4410_renderer
@@ -483,6 +483,33 @@ def test_after_a_reboot_another_programs_mail_where_a_batch_was_pending_is_kept(
     open_store(boot="two").close()
 
     assert mailbox.read_bytes() == FOREIGN
+
+
+def test_within_one_boot_another_programs_mail_where_a_batch_was_pending_is_kept(
+    open_store: OpenStore, mailbox: Path
+) -> None:
+    # A crash cut a batch short; while the server was down, a consumer emptied the
+    # file and another program appended its own mail, past where the batch began but
+    # not past where it would have ended. No record head of ours is there: those
+    # bytes are another program's, and neither the store nor a reader cuts them.
+    child = multiprocessing.get_context("spawn").Process(
+        target=_crash_in_the_middle_of_an_append, args=(str(mailbox),)
+    )
+    child.start()
+    child.join(WAIT)
+    assert child.exitcode == 3
+    state = State.decode(state_path(mailbox).read_bytes())
+    assert state is not None and 0 < state.pending < state.end
+    _movemail(mailbox)
+    foreign = FOREIGN * (state.pending // len(FOREIGN) + 1)
+    assert state.pending < len(foreign) <= state.end
+    _append_foreign(mailbox, foreign)
+    with mailbox.open("rb") as seen:
+        assert reader.pending_append(mailbox, seen.fileno()) is None
+
+    open_store().close()
+
+    assert mailbox.read_bytes() == foreign
 
 
 def test_a_failed_fsync_of_the_state_line_reserves_nothing(
