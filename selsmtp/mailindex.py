@@ -79,7 +79,7 @@ else:
         "One record selsmtp wrote: ``mailbox[offset:offset+length]``, numbered ``number``."
     )
 
-__all__ = ["FORMATS", "SUFFIX", "IndexEntry", "IndexWriter", "index_path", "load", "parse"]
+__all__ = ["FORMATS", "SUFFIX", "IndexEntry", "IndexWriter", "cut", "index_path", "load", "parse"]
 
 #: the index of ``PATH`` is ``PATH`` + this
 SUFFIX: Final = ".selsmtp-index"
@@ -190,6 +190,25 @@ def load(mailbox_path: str, st: os.stat_result) -> list[IndexEntry] | None:
         os.close(fd)
     parsed = parse(b"".join(pieces), st)
     return None if parsed is None else parsed[1]
+
+
+def cut(mailbox_path: str, st: os.stat_result, length: int) -> None:
+    """Cut the entries of records that do not end within the first ``length`` bytes
+    out of the index of the mailbox file ``st`` at ``mailbox_path`` (a file no
+    :class:`IndexWriter` holds: one rotated away). Nothing changes if the index does
+    not describe that file. Raises ``OSError``."""
+    entries = load(mailbox_path, st)
+    if entries is None:
+        return
+    kept = [entry for entry in entries if entry.offset + entry.length <= length]
+    fd = _open(index_path(mailbox_path))
+    try:
+        described = parse_header(os.pread(fd, _LINE, 0).partition(b"\n")[0])
+        if described is not None:  # the file as IndexWriter writes it: header, entries
+            first = header(described[0], st.st_dev, st.st_ino)
+            os.ftruncate(fd, len(first) + len(encode(kept)))
+    finally:
+        os.close(fd)
 
 
 def _open(path: str) -> int:

@@ -124,8 +124,9 @@ With ``rotate=N``, a batch that crosses a multiple of N is split there: each par
 committed (steps 3-5) into its own file, and between the parts the file is renamed to
 ``PATH.A-B`` (its index to ``PATH.A-B.selsmtp-index``) and a new one begins, under the
 lock (:mod:`selsmtp.rotation` has the policy and the crash analysis). If a later part
-fails, the parts already committed are cut back too, so a batch is stored whole or
-not at all; their numbers stay reserved, as a rotated file's name already covers them.
+fails, the parts already committed are cut back too (and their entries out of the
+rotated file's index), so a batch is stored whole or not at all; their numbers stay
+reserved, as a rotated file's name already covers them.
 """
 
 from __future__ import annotations
@@ -253,6 +254,7 @@ class FileStore:
         self._fsync: Fsync = os.fsync if fsync else _no_fsync
         self._fd = -1
         self._retired: list[int] = []  # files rotated away in this batch (still locked)
+        self._rotated_to: dict[int, str] = {}  # where each of them was rotated to
         self._states: StateFile | None = None
         self._state = State()
         self._torn = False  # a crash left a batch unfinished; repair before appending
@@ -346,6 +348,7 @@ class FileStore:
             self._unlock()
             while self._retired:  # closing them drops their locks
                 os.close(self._retired.pop())
+            self._rotated_to.clear()
 
     def _append_locked(self, batch: Sequence[Deliver], now: float) -> list[int]:
         try:
@@ -508,6 +511,8 @@ class FileStore:
     def _take_back(self, done: list[tuple[int, int]], before: State) -> None:
         """A later part of a split batch failed: cut back the parts already stored."""
         for fd, start in reversed(done):
+            if fd in self._rotated_to:  # its index went along: cut the part's entries
+                self._cut_rotated_index(self._rotated_to[fd], fd, start)
             try:
                 os.ftruncate(fd, start)
                 self._fsync(fd)
@@ -515,8 +520,6 @@ class FileStore:
                 log.critical(
                     "cannot cut a part of a failed batch out of %s", self.path, exc_info=True
                 )
-        # The index of a file rotated away in the batch now lists records past its
-        # end, and readers see it as stale; the current file's is cut here.
         starts = [start for fd, start in done if fd == self._fd]
         if starts:
             self._cut_index(starts[0])
@@ -623,6 +626,15 @@ class FileStore:
         except OSError as exc:
             self._index_failed(index.path, exc)
 
+    def _cut_rotated_index(self, target: str, fd: int, start: int) -> None:
+        """A part of a failed batch is about to be cut from ``start`` on out of the file
+        (``fd``) rotated to ``target``: cut its entries out of that file's index, so
+        that readers keep the index for the records before it."""
+        try:
+            mailindex.cut(target, os.fstat(fd), start)
+        except OSError as exc:
+            self._index_failed(mailindex.index_path(target), exc)
+
     def _index_failed(self, path: str, exc: OSError) -> None:
         if not self._index_broken:  # once until it works again
             log.error("cannot write %s (%s); readers parse %s instead", path, exc, self.path)
@@ -645,6 +657,7 @@ class FileStore:
             log.error("cannot rotate %s to %s: %s; trying again later", self.path, target, exc)
             return
         self._retired.append(self._fd)
+        self._rotated_to[self._fd] = target
         self._fd = fd
         log.info("rotated %s to %s", self.path, target)
         if self._index is not None:

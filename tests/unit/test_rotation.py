@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from selsmtp import formats, rotation, store
+from selsmtp import formats, mailindex, read_mailbox, rotation, store
 from selsmtp.config import Config
 from selsmtp.durable import State
 from selsmtp.session import Deliver
@@ -315,6 +315,26 @@ def test_a_failure_after_the_boundary_takes_back_the_whole_batch(
     mailbox_store.close()
     assert open_store(rotate=4).try_append([deliver()]) == [6]
     assert layout(mailbox_path.parent) == {"mailbox": [5, 6], "mailbox.1-4": [1, 2]}
+
+
+def test_a_failure_after_the_boundary_leaves_the_rotated_file_its_index(
+    open_store: OpenStore, mailbox_path: Path
+) -> None:
+    # The part cut out of the rotated file loses its entries; the records before it
+    # keep theirs, so readers still tell them from look-alikes in their bodies.
+    mailbox_store = open_store(rotate=4, render=failing_renderer())
+    mailbox_store.try_append([deliver(), deliver()])
+
+    with pytest.raises(StoreError):
+        mailbox_store.try_append([deliver(), deliver(), deliver(), deliver(FAIL)])
+
+    rotated = mailbox_path.with_name("mailbox.1-4")
+    assert mailindex.load(str(rotated), rotated.stat()) == [
+        (0, len(record(1)), 1),
+        (len(record(1)), len(record(2)), 2),
+    ]
+    box = read_mailbox(rotated)
+    assert ([m.number for m in box], box.warnings, box.problems) == ([1, 2], (), ())
 
 
 def test_a_failure_before_the_boundary_gives_the_numbers_back(
