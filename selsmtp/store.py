@@ -288,7 +288,11 @@ class FileStore:
         except OSError as exc:
             self.close()
             raise StartupError(_cannot("open mailbox", self.path, exc)) from exc
-        self._open_index()
+        try:
+            self._open_index()
+        except StartupError:
+            self.close()
+            raise
         try:
             self._recover(saved)
         except OSError as exc:
@@ -550,9 +554,12 @@ class FileStore:
     def _open_index(self) -> None:
         """Open the index and go on with it if it describes the mailbox file; else
         begin it again. Without one (it cannot be opened), mail is stored all the
-        same, and readers parse the mailbox."""
+        same, and readers parse the mailbox; but something other than a regular file
+        at its path is a :class:`StartupError` (SPEC §12)."""
         try:
             index = mailindex.IndexWriter(self.path, self._fsync)
+        except NotRegularFile as exc:
+            raise StartupError(_cannot("open offsets index", self.path, exc)) from exc
         except OSError as exc:
             self._index_failed(mailindex.index_path(self.path), exc)
             return
