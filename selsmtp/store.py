@@ -28,7 +28,9 @@ the next batch looks again. A batch of finished messages is stored by
 
 If a write or an fsync fails, the file is cut back to its length before the batch
 while the lock is still held, and :class:`StoreError` is raised: nothing partial is
-left for a reader to see, and nothing is acknowledged. A batch holding more than
+left for a reader to see, and nothing is acknowledged. (If even ``ftruncate`` fails,
+the batch stays pending as after a crash, readers hide it, its numbers stay taken,
+and it is cut before the next append.) A batch holding more than
 :data:`PART_BYTES` of message data is committed in parts (steps 3-5 each), so that
 its rendered records never all sit in memory at once; a failed part takes the
 parts before it back too. A crash between two parts keeps the parts committed
@@ -500,35 +502,64 @@ class FileStore:
         return records, lengths
 
     def _roll_back(self, start: int, number: int, first: int) -> None:
-        """Cut the file back to ``start`` and the numbers back to ``number``."""
-        try:
-            os.ftruncate(self._fd, start)
-            self._fsync(self._fd)
-        except OSError:
-            log.critical("cannot cut %s back to %d bytes", self.path, start, exc_info=True)
-        self._cut_index(start)
+        """Cut the file back to ``start`` and the numbers back to ``number`` (or, if the
+        cut fails, keep the numbers: :meth:`_cut_failed`)."""
+        if self._cut(self._fd, start):
+            self._cut_index(start)
         state = self._state
-        state.number, state.first, state.size, state.pending = number, first, start, -1
-        state.end = -1
+        if not self._torn:
+            state.number, state.first, state.size, state.pending = number, first, start, -1
+            state.end = -1
         self._save_state_or_log()
+
+    def _cut(self, fd: int, start: int) -> bool:
+        """Cut the file ``fd`` back to ``start``; False if ``ftruncate`` failed. An fsync
+        that fails after it is logged only: the cut is in the file, and the next fsync
+        that succeeds makes it durable before any 250."""
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            if fd == self._fd:
+                self._cut_failed(start)
+            else:
+                log.critical("cannot cut a failed batch out of %s", self.path, exc_info=True)
+            return False
+        try:
+            self._fsync(fd)
+        except OSError:
+            log.critical("cannot make the cut of %s durable", self.path, exc_info=True)
+        return True
+
+    def _cut_failed(self, start: int) -> None:
+        """A failed batch could not be cut out of the current file from
+        ``start`` on. Its numbered records may stay there, so its numbers stay taken;
+        its bytes are pending, as after a crash, and are cut before the next append
+        (:meth:`_repair_locked`) or at the next start."""
+        log.critical(
+            "cannot cut %s back to %d bytes; its numbers stay taken, and the cut is tried "
+            "again before the next append",
+            self.path,
+            start,
+            exc_info=True,
+        )
+        state = self._state
+        state.pending = start
+        state.end = self._torn_size = os.fstat(self._fd).st_size
+        self._torn = True
 
     def _take_back(self, done: list[tuple[int, int]], before: State) -> None:
         """A later part of a split batch failed: cut back the parts already stored."""
         for fd, start in reversed(done):
             if fd in self._rotated_to:  # its index went along: cut the part's entries
                 self._cut_rotated_index(self._rotated_to[fd], fd, start)
-            try:
-                os.ftruncate(fd, start)
-                self._fsync(fd)
-            except OSError:
-                log.critical(
-                    "cannot cut a part of a failed batch out of %s", self.path, exc_info=True
-                )
+            self._cut(fd, start)
         starts = [start for fd, start in done if fd == self._fd]
         if starts:
             self._cut_index(starts[0])
         state = self._state
-        if done[0][0] == self._fd:  # no rotation in between: as before the batch
+        if self._torn:  # a part stays in the file for now: its numbers stay taken
+            pass
+        elif done[0][0] == self._fd:  # no rotation in between: as before the batch
             state.number, state.first, state.size = before.number, before.first, done[0][1]
         else:  # the numbers stay reserved; this file began in the batch and is empty
             state.first, state.size = -1, 0

@@ -688,6 +688,35 @@ def is_file(fd: int, path: Path) -> bool:
     return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
+def test_a_batch_that_cannot_be_cut_back_keeps_its_numbers_and_is_cut_before_the_next(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failed fsync, then a failed cut (a dying disk): the batch's bytes stay in the
+    # file for now, numbered. Its numbers are not given out again, and the batch is
+    # cut before anything else is appended.
+    fsync = FailingFsync()
+    monkeypatch.setattr(os, "fsync", fsync)
+    mailbox_store = open_store()
+    mailbox_store.try_append([deliver()])
+    real_ftruncate = os.ftruncate
+
+    def ftruncate(fd: int, length: int) -> None:
+        if is_file(fd, mailbox):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_ftruncate(fd, length)
+
+    fsync.fails = lambda fd: is_file(fd, mailbox)
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    with pytest.raises(StoreError):
+        mailbox_store.try_append([deliver(b"never acknowledged\r\n")])
+    assert mailbox.read_bytes() == record(1) + record(2, b"never acknowledged\n")
+
+    fsync.fails = lambda fd: False
+    monkeypatch.setattr(os, "ftruncate", real_ftruncate)
+    assert mailbox_store.try_append([deliver()]) == [3]
+    assert mailbox.read_bytes() == record(1) + record(3)
+
+
 @pytest.mark.parametrize("which", ["mailbox", "state"])
 def test_failed_fsync_cuts_back_and_is_never_a_success(
     open_store: OpenStore,
