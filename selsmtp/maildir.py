@@ -263,8 +263,9 @@ class MaildirStore:
 
     def _roll_back(self, made: list[str], moved: list[str], number: int) -> None:
         """Remove the failed batch's files and give its numbers back, unless a reader
-        already took one of them to ``cur/``: then the numbers stay used."""
-        seen = False
+        already took one of them to ``cur/``, or one cannot be removed from ``new/``:
+        then the numbers stay used."""
+        seen = kept = False
         for folder, names in ((self._new, moved), (self._tmp, made[len(moved) :])):
             for name in names:
                 try:
@@ -276,12 +277,13 @@ class MaildirStore:
                     seen = seen or folder == self._new
                 except OSError:
                     log.critical("cannot remove %s of a failed delivery", name, exc_info=True)
+                    kept = kept or folder == self._new
         if moved:
             with contextlib.suppress(OSError):
                 self._fsync(self._new_fd)
         if seen:
             log.error("a reader took a message of a failed delivery before it was removed")
-        else:
+        elif not kept:  # else it stays in new/, numbered: its numbers stay used
             self._state.number = number
         self._state.pending = -1
         try:

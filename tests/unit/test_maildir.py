@@ -320,6 +320,31 @@ def test_a_failed_fsync_leaves_no_message_and_gives_the_numbers_back(
     assert sorted(read_back(folder)) == [1, 2]
 
 
+def test_a_message_that_cannot_be_taken_back_keeps_its_number(
+    open_store: OpenStore, folder: Path, fsync: CountingFsync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # new/'s fsync fails, and so does removing the batch's files from new/ (a dying
+    # disk): they stay there, numbered, so their numbers are not given out again.
+    md = open_store()
+    md.try_append([deliver()])
+    fsync.fails = lambda what: what.endswith("/Maildir/new")
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *, dir_fd: int | None = None) -> None:
+        if dir_fd is not None or "/new/" in str(path):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(StoreError):
+        md.try_append([deliver(), deliver()])
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    fsync.fails = lambda what: False
+
+    assert md.try_append([deliver()]) == [4]
+    assert sorted(read_back(folder)) == [1, 2, 3, 4]
+
+
 def test_a_failed_rename_takes_back_the_files_already_in_new(
     open_store: OpenStore, folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
