@@ -112,7 +112,7 @@ def describe(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
+def open_regular(path: str, flags: int, mode: int = 0o600) -> int:
     """Open the regular file at ``path`` as a raw descriptor, safely; return it.
 
     The one way selsmtp opens its own files (mailbox, state and lock files, rotated
@@ -121,7 +121,9 @@ def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
     with no writer or some devices (``O_NONBLOCK``, cleared again once the file is
     known to be regular, where it means nothing), the descriptor is not inherited
     across ``exec`` (``O_CLOEXEC``), and ``fstat`` on the open descriptor, not a second
-    look at the path, decides that it is a regular file. Raises
+    look at the path, decides that it is a regular file. A file it creates is ``mode``,
+    by default readable and writable by its owner only, as mail should be (a Maildir's
+    folders are 0700). Raises
     :class:`NotRegularFile` (naming the path and what is there) or any other
     ``OSError`` of ``open``.
     """

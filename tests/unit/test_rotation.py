@@ -460,3 +460,19 @@ def test_a_file_is_due_once_it_reaches_a_multiple_of_n(
     every: int, first: int, number: int, due: bool
 ) -> None:
     assert rotation.is_due(every, first, number) is due
+
+
+def test_mail_files_are_private_like_a_maildir(open_store: OpenStore, tmp_path: Path) -> None:
+    # A mail spool is read by its owner only (a Maildir's folders are 0700): with the
+    # usual umask 022, the mailbox, the file a rotation begins and the side files
+    # that describe them are 0600, not readable by every local user.
+    old = os.umask(0o022)
+    try:
+        mailbox_store = open_store(rotate=2)
+        assert mailbox_store.try_append([deliver(), deliver(), deliver()]) == [1, 2, 3]
+    finally:
+        os.umask(old)
+
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir() if p.is_file()}
+    assert {"mailbox", "mailbox.1-2", "mailbox.selsmtp", "mailbox.selsmtp-index"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o600)
