@@ -265,6 +265,11 @@ _KIND_OF_MAILBOX: Final = {
 }
 
 
+#: the first bytes of the files selsmtp keeps beside a mailbox (state line, offsets
+#: index, lock record): never a mailbox, and mail appended to one would damage it
+_SIDE_FILES: Final = (b"selsmtp-state ", b"selsmtp-index ", b"selsmtp-lock ")
+
+
 def file_format(fd: int) -> str:
     """The format the first record of the open mailbox file is in; ``""`` if it is
     empty or begins with neither format's record."""
@@ -303,6 +308,11 @@ def check_format(path: str, wanted: str, saved: State | None) -> None:
     elif wanted != "maildir" and stat.S_ISREG(st.st_mode):
         fd = open_regular(path, os.O_RDONLY)
         try:
+            if os.pread(fd, 16, 0).startswith(_SIDE_FILES):
+                raise StartupError(
+                    f"mailbox {path} is not a mailbox but a file selsmtp keeps beside one "
+                    "(a state line, an offsets index or a lock record); name the mailbox itself"
+                )
             found = file_format(fd)
         finally:
             os.close(fd)
