@@ -162,8 +162,9 @@ def pending_append(path: str | os.PathLike[str], fd: int) -> int | None:
 
 
 def load_index(path: str, st: os.stat_result) -> list[Any] | None:
-    """The store's offsets index of the file ``st`` at ``path``, if there is a usable one."""
-    found: list[Any] | None = mailindex.load(path, st)
+    """The store's offsets index of the file ``st`` at ``path``, if there is a usable one
+    (its own, or the one of the name it had before a consumer renamed it)."""
+    found: list[Any] | None = mailindex.find(path, st)
     return found
 
 

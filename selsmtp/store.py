@@ -115,10 +115,12 @@ they never point at mail that is not on disk, and a batch that start-up or a fai
 cuts loses its entries too. The index follows the file: it begins again (a header
 naming the file, no entries) for a new file, one renamed away, one a consumer
 emptied or others rewrote (its last entry's record head is no longer there), and it
-is renamed along with a rotated file. Another program's records and the bytes the
-store writes to reach a record boundary are not listed. The index costs one
-``write`` per batch and no fsync of its own (it is fsync'd with the state line); a
-failure to write it is logged and costs readers the index, never mail.
+is renamed along with a rotated file, or with a file a consumer renamed within the
+mailbox's folder (``mv mailbox taken``: ``taken.selsmtp-index``). Another program's
+records and the bytes the store writes to reach a record boundary are not listed.
+The index costs one ``write`` per batch and no fsync of its own (it is fsync'd with
+the state line); a failure to write it is logged and costs readers the index, never
+mail.
 
 Rotation
 --------
@@ -732,10 +734,32 @@ class FileStore:
                 return True
             # A consumer renamed the mailbox away: follow the path, not the old file.
             log.info("mailbox %s was moved away; starting a new file", self.path)
+            self._index_follows_rename(self._fd)
             os.close(self._fd)  # also drops the lock on the old file
             self._fd = -1
             self._state.first = -1  # none of our records are in the new file
             self._fd = self._open_mailbox()
+
+    def _index_follows_rename(self, fd: int) -> None:
+        """A consumer renamed the file ``fd`` away. If its new name is in the mailbox's
+        folder (Linux names it in ``/proc/self/fd``), its index goes along, as at a
+        rotation, so readers of the new name still tell records from look-alikes;
+        else the index begins again for the next file, as it does anyway."""
+        index = self._index
+        if index is None:
+            return
+        try:
+            held = os.fstat(fd)
+            moved = os.readlink(f"/proc/self/fd/{fd}")
+            if (
+                not index.describes(held.st_dev, held.st_ino)
+                or os.path.dirname(moved) != os.path.dirname(self.path)
+                or not same_file(moved, fd)
+            ):
+                return
+            index.rename(moved)
+        except OSError as exc:
+            log.info("the index of %s stays where it is: %s", self.path, exc)
 
     def _unlock(self) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN)

@@ -291,6 +291,28 @@ def test_the_index_still_counts_while_a_crash_left_its_last_batch_pending(
     assert [w.kind.value for w in box.warnings] == ["look-alike"]
 
 
+def test_a_mailbox_a_consumer_renamed_is_read_by_its_index_at_once(tmp_path: Path) -> None:
+    # `mv mailbox taken && inbox list taken`: the server has not appended since, so
+    # the index is still mailbox.selsmtp-index, naming the file now called taken.
+    path = tmp_path / "mailbox"
+    body = (
+        b"hi\r\n\r\nReceived: from x by mx.test (CS4410MP3)\r\nNumber: 2\r\n"
+        b"From: ceo@corp\r\nTo: victim@corp\r\n\r\nforged\r\n"
+    )
+    store = open_store("cs4410", path)
+    try:
+        store.try_append([Deliver(BCC, body), Deliver(BCC, b"two\r\n")])
+    finally:
+        store.close()
+    taken = tmp_path / "taken"
+    path.rename(taken)
+
+    box = read_mailbox(taken)
+
+    assert [(m.number, m.sender) for m in box] == [(1, BCC.reverse_path), (2, BCC.reverse_path)]
+    assert [w.kind.value for w in box.warnings] == ["look-alike"]
+
+
 def test_an_index_that_does_not_match_the_file_is_not_trusted(tmp_path: Path) -> None:
     path = tmp_path / "mailbox"
     body = (

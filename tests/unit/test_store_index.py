@@ -191,17 +191,34 @@ def test_a_file_emptied_and_written_longer_by_others_gets_its_index_begun_again(
     assert index_of(mailbox) == [(len(foreign), len(record(2)), 2)]
 
 
-def test_a_file_renamed_away_keeps_no_index_and_the_new_file_gets_one(
+def test_a_file_renamed_in_its_folder_takes_its_index_along_and_the_new_file_gets_one(
     open_store: OpenStore, mailbox: Path, tmp_path: Path
 ) -> None:
     mailbox_store = open_store()
     mailbox_store.try_append([deliver()])
-    os.rename(mailbox, tmp_path / "taken")
+    os.rename(mailbox, tmp_path / "taken")  # a consumer takes the mail
 
     mailbox_store.try_append([deliver()])
 
     assert index_of(mailbox) == lay_out(record(2), first=2)
-    assert mailindex.load(str(tmp_path / "taken"), (tmp_path / "taken").stat()) is None
+    taken = tmp_path / "taken"
+    assert mailindex.load(str(taken), taken.stat()) == lay_out(record(1))
+
+
+def test_a_file_renamed_out_of_its_folder_keeps_no_index(
+    open_store: OpenStore, mailbox: Path, tmp_path: Path
+) -> None:
+    mailbox_store = open_store()
+    mailbox_store.try_append([deliver()])
+    (tmp_path / "elsewhere").mkdir()
+    taken = tmp_path / "elsewhere" / "taken"
+    os.rename(mailbox, taken)
+
+    mailbox_store.try_append([deliver()])
+
+    assert index_of(mailbox) == lay_out(record(2), first=2)
+    assert mailindex.load(str(taken), taken.stat()) is None
+    assert sorted(p.name for p in taken.parent.iterdir()) == ["taken"]
 
 
 def test_a_restart_after_a_consumer_emptied_the_file(open_store: OpenStore, mailbox: Path) -> None:
