@@ -112,7 +112,7 @@ def describe(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
+def open_regular(path: str, flags: int, mode: int = 0o600) -> int:
     """Open the regular file at ``path`` as a raw descriptor, safely; return it.
 
     The one way selsmtp opens its own files (mailbox, state and lock files, rotated
@@ -121,7 +121,9 @@ def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
     with no writer or some devices (``O_NONBLOCK``, cleared again once the file is
     known to be regular, where it means nothing), the descriptor is not inherited
     across ``exec`` (``O_CLOEXEC``), and ``fstat`` on the open descriptor, not a second
-    look at the path, decides that it is a regular file. Raises
+    look at the path, decides that it is a regular file. A file it creates is ``mode``,
+    by default readable and writable by its owner only, as mail should be (a Maildir's
+    folders are 0700). Raises
     :class:`NotRegularFile` (naming the path and what is there) or any other
     ``OSError`` of ``open``.
     """
@@ -263,6 +265,11 @@ _KIND_OF_MAILBOX: Final = {
 }
 
 
+#: the first bytes of the files selsmtp keeps beside a mailbox (state line, offsets
+#: index, lock record): never a mailbox, and mail appended to one would damage it
+_SIDE_FILES: Final = (b"selsmtp-state ", b"selsmtp-index ", b"selsmtp-lock ")
+
+
 def file_format(fd: int) -> str:
     """The format the first record of the open mailbox file is in; ``""`` if it is
     empty or begins with neither format's record."""
@@ -301,6 +308,11 @@ def check_format(path: str, wanted: str, saved: State | None) -> None:
     elif wanted != "maildir" and stat.S_ISREG(st.st_mode):
         fd = open_regular(path, os.O_RDONLY)
         try:
+            if os.pread(fd, 16, 0).startswith(_SIDE_FILES):
+                raise StartupError(
+                    f"mailbox {path} is not a mailbox but a file selsmtp keeps beside one "
+                    "(a state line, an offsets index or a lock record); name the mailbox itself"
+                )
             found = file_format(fd)
         finally:
             os.close(fd)
@@ -441,8 +453,9 @@ def pending_verdict(
       replaced, or it ends at or before the batch's start);
     * ``"whole"``: after a reboot, every byte of the batch is in the file; its fsync
       may have finished and its 250 gone out: keep it, committed up to ``state.end``;
-    * ``"not-ours"``: after a reboot, no record head of ours begins at the offset (the
-      file was emptied and written again since): keep everything;
+    * ``"not-ours"``: no record head of ours begins at the offset (a consumer emptied
+      the file and another program wrote into it since, before or after a reboot):
+      keep everything;
     * ``"appended"``: the file reaches past where the batch would end: another
       program appended after it, and cutting would destroy its bytes: keep them;
     * ``"cut"``: the bytes from ``state.pending`` on are our torn batch: cut them
@@ -452,11 +465,10 @@ def pending_verdict(
         return "none"
     if (st.st_dev, st.st_ino) != (state.dev, state.ino) or st.st_size <= state.pending:
         return "none"
-    if rebooted:
-        if state.pending <= state.end <= st.st_size:
-            return "whole"
-        if not _record_head(read_at(state.pending), state.number, number_pattern):
-            return "not-ours"
+    if rebooted and state.pending <= state.end <= st.st_size:
+        return "whole"
+    if not _record_head(read_at(state.pending), state.number, number_pattern):
+        return "not-ours"
     if 0 <= state.end < st.st_size:
         return "appended"
     return "cut"

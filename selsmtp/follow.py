@@ -205,7 +205,7 @@ class FileFollower:
         end = seen.stat.st_size if seen.pending is None else seen.pending
         if file.fmt is None and seen.head:
             try:
-                file.fmt = reader.detect_format(seen.head)
+                file.fmt = reader.told_format(self.path, seen.stat, seen.head)
             except NotAMailbox as exc:
                 raise NotAMailbox(f"{self.path} is not a mailbox: {exc}") from None
         file.offset, file.anchor = end, seen.head[: min(end, ANCHOR_SIZE)]
@@ -236,7 +236,7 @@ class FileFollower:
             return []
         if file.fmt is None:
             try:
-                file.fmt = reader.detect_format(seen.data)
+                file.fmt = reader.told_format(self.path, seen.stat, seen.data)
             except NotAMailbox as exc:
                 why = f"{self.path} is not a mailbox: {exc}"
                 if strict:

@@ -9,7 +9,8 @@ Usage::
 
 All three formats are understood (``cs4410``, ``mbox``, ``maildir``); the format is
 told by the path unless ``--format`` names it: a folder with ``new/`` and ``cur/`` is a
-Maildir, a file that starts with ``From `` is an mbox, one that starts with a
+Maildir; a file has the format selsmtp recorded for it (offsets index, state file),
+else one that starts with ``From `` is an mbox, one that starts with a
 ``Received: from ... (CS4410MP3)`` line is a cs4410 mailbox, and an empty file is an
 empty mailbox.
 
@@ -253,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=reader.FORMATS,
         default=None,
         help="the mailbox format (default: told by the path: a folder with new/ and cur/ "
-        "is a Maildir, a file starting with 'From ' an mbox, one starting with a "
+        "is a Maildir; a file has the format selsmtp recorded for it, else one starting "
+        "with 'From ' is an mbox, one starting with a "
         "'Received: from ... (CS4410MP3)' line a cs4410 mailbox)",
     )
     common.add_argument(

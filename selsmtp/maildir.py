@@ -41,7 +41,10 @@ handing out the same numbers; that file also keeps the second record of the numb
 Every file is opened with :func:`~selsmtp.durable.open_regular` (never through a
 symbolic link, never blocking, a regular file by ``fstat``), and ``tmp/``, ``new/``
 and ``cur/`` must be real folders, not links: otherwise start-up refuses, naming the
-path and what is there.
+path and what is there. Each batch looks at ``tmp/`` and ``new/`` again (``lstat``):
+a link put there while the server runs gets the batch a :class:`StoreError` (451),
+never the mail, and files are renamed into the ``new/`` held open (the one fsync'd),
+by its descriptor.
 
 After a crash, files in ``tmp/`` with selsmtp's names for this host were never
 acknowledged: they are removed at start-up and logged. Files of the cut-short batch
@@ -200,6 +203,11 @@ class MaildirStore:
         could not be written, made durable or renamed, or the state not updated; the
         batch's files are then gone and its numbers unused (see :meth:`_roll_back`).
         """
+        try:
+            self._check_folders()
+        except OSError as exc:
+            name = exc.filename or self.path
+            raise StoreError(f"cannot deliver to {self.path}: {name}: {exc.strerror}") from exc
         now = self._clock()
         state = self._state
         first = state.number + 1
@@ -211,8 +219,8 @@ class MaildirStore:
             for number, deliver in enumerate(batch, first):
                 made.append(self._unique_name(now))
                 self._write_file(made[-1], number, deliver, now)
-            for name in made:
-                os.rename(os.path.join(self._tmp, name), os.path.join(self._new, name))
+            for name in made:  # into the new/ we hold and fsync, never through a link
+                os.rename(os.path.join(self._tmp, name), name, dst_dir_fd=self._new_fd)
                 moved.append(name)
             self._fsync(self._new_fd)
             state.pending = -1
@@ -221,6 +229,22 @@ class MaildirStore:
             self._roll_back(made, moved, first - 1)
             raise StoreError(f"cannot deliver to {self.path}: {exc.strerror or exc}") from exc
         return list(range(first, state.number + 1))
+
+    def _check_folders(self) -> None:
+        """``tmp/`` and ``new/`` must still be real folders: a symbolic link put there
+        while the server runs would send the mail where it points. A real ``new/`` that
+        replaced ours is opened again. Raises ``OSError`` (what is there, and where)."""
+        for folder in (self._tmp, self._new):
+            st = os.lstat(folder)
+            if not stat.S_ISDIR(st.st_mode):
+                what = f"{describe(st.st_mode)}, not a folder"
+                raise NotADirectoryError(errno.ENOTDIR, what, folder)
+        held = os.fstat(self._new_fd)
+        if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino):
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self._new, flags)
+            os.close(self._new_fd)
+            self._new_fd = fd
 
     def _unique_name(self, now: float) -> str:
         micro = int(now * 1_000_000) % 1_000_000
@@ -239,22 +263,27 @@ class MaildirStore:
 
     def _roll_back(self, made: list[str], moved: list[str], number: int) -> None:
         """Remove the failed batch's files and give its numbers back, unless a reader
-        already took one of them to ``cur/``: then the numbers stay used."""
-        seen = False
+        already took one of them to ``cur/``, or one cannot be removed from ``new/``:
+        then the numbers stay used."""
+        seen = kept = False
         for folder, names in ((self._new, moved), (self._tmp, made[len(moved) :])):
             for name in names:
                 try:
-                    os.unlink(os.path.join(folder, name))
+                    if folder == self._new:  # the new/ they were renamed into
+                        os.unlink(name, dir_fd=self._new_fd)
+                    else:
+                        os.unlink(os.path.join(folder, name))
                 except FileNotFoundError:
                     seen = seen or folder == self._new
                 except OSError:
                     log.critical("cannot remove %s of a failed delivery", name, exc_info=True)
+                    kept = kept or folder == self._new
         if moved:
             with contextlib.suppress(OSError):
                 self._fsync(self._new_fd)
         if seen:
             log.error("a reader took a message of a failed delivery before it was removed")
-        else:
+        elif not kept:  # else it stays in new/, numbered: its numbers stay used
             self._state.number = number
         self._state.pending = -1
         try:

@@ -41,6 +41,10 @@ does, so the index is stale until the store's next append begins it again). The
 store changes the index only under the mailbox's exclusive lock, and readers load it
 holding the shared lock, so the two agree.
 
+A file a consumer renames within its folder keeps its index: readers of the new name
+look for an index in the folder whose header names the file (:func:`find`), and the
+store, at its next append, renames the index along (Linux tells it the new name).
+
 Durability
 ----------
 The index is written after the records it lists are written and fsync'd, and before
@@ -79,7 +83,8 @@ else:
         "One record selsmtp wrote: ``mailbox[offset:offset+length]``, numbered ``number``."
     )
 
-__all__ = ["FORMATS", "SUFFIX", "IndexEntry", "IndexWriter", "index_path", "load", "parse"]
+__all__ = ["FORMATS", "SUFFIX", "IndexEntry", "IndexWriter", "cut", "find", "index_path"]
+__all__ += ["load", "parse"]
 
 #: the index of ``PATH`` is ``PATH`` + this
 SUFFIX: Final = ".selsmtp-index"
@@ -190,6 +195,59 @@ def load(mailbox_path: str, st: os.stat_result) -> list[IndexEntry] | None:
         os.close(fd)
     parsed = parse(b"".join(pieces), st)
     return None if parsed is None else parsed[1]
+
+
+def find(mailbox_path: str, st: os.stat_result) -> list[IndexEntry] | None:
+    """The entries of the index of the mailbox file ``st`` at ``mailbox_path``: its own
+    (:func:`load`), else the index of another name in the same folder whose header
+    names this very file: a consumer renamed the mailbox (``mv mailbox taken``) and
+    the store has not appended since, which takes the index along. ``None`` if none.
+    Call it holding the mailbox's shared lock. Never raises ``OSError``."""
+    found = load(mailbox_path, st)
+    if found is not None:
+        return found
+    own = index_path(os.path.abspath(mailbox_path))
+    folder = os.path.dirname(own)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    for name in names:
+        side = os.path.join(folder, name)
+        if name.endswith(SUFFIX) and side != own and _names(side, st):
+            return load(side[: -len(SUFFIX)], st)
+    return None
+
+
+def _names(path: str, st: os.stat_result) -> bool:
+    """True if the header of the index at ``path`` names the mailbox file ``st``."""
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+        try:
+            described = parse_header(os.pread(fd, _LINE, 0).partition(b"\n")[0])
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return described is not None and described[1:] == (st.st_dev, st.st_ino)
+
+
+def cut(mailbox_path: str, st: os.stat_result, length: int) -> None:
+    """Cut the entries of records that do not end within the first ``length`` bytes
+    out of the index of the mailbox file ``st`` at ``mailbox_path`` (a file no
+    :class:`IndexWriter` holds: one rotated away). Nothing changes if the index does
+    not describe that file. Raises ``OSError``."""
+    entries = load(mailbox_path, st)
+    if entries is None:
+        return
+    kept = [entry for entry in entries if entry.offset + entry.length <= length]
+    fd = _open(index_path(mailbox_path))
+    try:  # the file as IndexWriter writes it: its header, then the entries
+        fmt = parse_header(os.pread(fd, _LINE, 0).partition(b"\n")[0])
+        if fmt is not None:
+            os.ftruncate(fd, len(header(fmt[0], st.st_dev, st.st_ino)) + len(encode(kept)))
+    finally:
+        os.close(fd)
 
 
 def _open(path: str) -> int:

@@ -162,9 +162,46 @@ def pending_append(path: str | os.PathLike[str], fd: int) -> int | None:
 
 
 def load_index(path: str, st: os.stat_result) -> list[Any] | None:
-    """The store's offsets index of the file ``st`` at ``path``, if there is a usable one."""
-    found: list[Any] | None = mailindex.load(path, st)
+    """The store's offsets index of the file ``st`` at ``path``, if there is a usable one
+    (its own, or the one of the name it had before a consumer renamed it)."""
+    found: list[Any] | None = mailindex.find(path, st)
     return found
+
+
+def recorded_format(path: str, st: os.stat_result) -> str | None:
+    """The format selsmtp's side files record for the mailbox file ``st`` at ``path``:
+    the header of its offsets index, else its state line, if one names this very file
+    (device and inode); ``None`` if neither does. This is what tells the format of a
+    file whose first bytes are damage (SPEC §7: the state file records the format)."""
+    identity = (st.st_dev, st.st_ino)
+    index, state = _head_of(mailindex.index_path(path)), _head_of(path + STATE_SUFFIX)
+    found = mailindex.parse_header(index.partition(b"\n")[0])
+    if found is not None and found[1:] == identity:
+        return found[0]
+    line = State.decode(state)
+    if line is not None and (line.dev, line.ino) == identity and line.format in mailindex.FORMATS:
+        return line.format
+    return None
+
+
+def _head_of(path: str) -> bytes:
+    """The first bytes of the regular file at ``path``; ``b""`` if it cannot be read."""
+    try:
+        fd = open_readable(path)
+    except OSError:
+        return b""
+    try:
+        return os.pread(fd, 1024, 0)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def told_format(path: str, st: os.stat_result, data: bytes) -> str | None:
+    """The format of the mailbox file ``st`` at ``path`` that starts with ``data``: the
+    one selsmtp recorded for it (:func:`recorded_format`), else :func:`detect_format`'s."""
+    return (recorded_format(path, st) if data else None) or detect_format(data)
 
 
 def detect_format(data: bytes) -> str | None:
@@ -237,7 +274,7 @@ def read_mailbox(
     allow_foreign: bool = True,
 ) -> Mailbox:
     """The messages of the mailbox at ``path``, in ``format`` (``None``: told by the
-    path: a folder with ``new/`` and ``cur/`` is a Maildir, else :func:`detect_format`),
+    path: a folder with ``new/`` and ``cur/`` is a Maildir, else :func:`told_format`),
     with its problems and warnings.
 
     A mailbox file is read under a shared lock, waiting ``lock_timeout`` seconds at
@@ -267,7 +304,7 @@ def read_mailbox(
         os.close(fd)
     if format is None:
         try:
-            format = detect_format(seen.data)
+            format = told_format(name, seen.stat, seen.data)
         except NotAMailbox as exc:
             raise NotAMailbox(f"{name} is not a mailbox: {exc}") from None
         if format is None:

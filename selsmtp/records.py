@@ -250,7 +250,8 @@ def _usable(
     data: bytes, end: int, grammar: Any, index: Sequence[Any] | None, base: int
 ) -> list[tuple[int, int]] | None:
     """The index's records within ``data`` as (offset, length), if every one of them is
-    where it says, as it says; else ``None``."""
+    where it says, as it says; else ``None``. Entries from ``end`` on (an append a crash
+    cut short, which readers hide: the process died after listing it) are left out."""
     if index is None:
         return None
     entries: list[tuple[int, int]] = []
@@ -259,6 +260,8 @@ def _usable(
         offset = entry.offset - base
         if offset < 0:
             continue  # before what was read (follow reads from where it stopped)
+        if offset >= end and end < len(data):
+            break  # in the torn tail: never committed, and hidden with it
         stop = offset + entry.length
         if (
             offset < position

@@ -28,7 +28,9 @@ the next batch looks again. A batch of finished messages is stored by
 
 If a write or an fsync fails, the file is cut back to its length before the batch
 while the lock is still held, and :class:`StoreError` is raised: nothing partial is
-left for a reader to see, and nothing is acknowledged. A batch holding more than
+left for a reader to see, and nothing is acknowledged. (If even ``ftruncate`` fails,
+the batch stays pending as after a crash, readers hide it, its numbers stay taken,
+and it is cut before the next append.) A batch holding more than
 :data:`PART_BYTES` of message data is committed in parts (steps 3-5 each), so that
 its rendered records never all sit in memory at once; a failed part takes the
 parts before it back too. A crash between two parts keeps the parts committed
@@ -49,8 +51,9 @@ Why the line needs no fsync per batch: after a crash of the process alone, the p
 cache still holds the last line written, fsync'd or not. It says a batch was being
 written only if its fsync had not finished, so no 250 went out, and the bytes past
 the batch's start are a torn tail, removed at start-up (whole or not), unless they
-reach past where the batch would have ended: then another program appended after it
-while we were down, and nothing is cut (see "Record boundaries"). Bytes past the
+reach past where the batch would have ended, or no record head of ours begins where
+it did (a consumer emptied the file since): then another program wrote them while
+we were down, and nothing is cut (see "Record boundaries"). Bytes past the
 committed length with no batch in progress were appended by another program under
 the lock and are kept. This crash rule exists once, as
 :func:`~selsmtp.durable.pending_verdict`: the readers hide exactly the bytes it cuts.
@@ -112,10 +115,12 @@ they never point at mail that is not on disk, and a batch that start-up or a fai
 cuts loses its entries too. The index follows the file: it begins again (a header
 naming the file, no entries) for a new file, one renamed away, one a consumer
 emptied or others rewrote (its last entry's record head is no longer there), and it
-is renamed along with a rotated file. Another program's records and the bytes the
-store writes to reach a record boundary are not listed. The index costs one
-``write`` per batch and no fsync of its own (it is fsync'd with the state line); a
-failure to write it is logged and costs readers the index, never mail.
+is renamed along with a rotated file, or with a file a consumer renamed within the
+mailbox's folder (``mv mailbox taken``: ``taken.selsmtp-index``). Another program's
+records and the bytes the store writes to reach a record boundary are not listed.
+The index costs one ``write`` per batch and no fsync of its own (it is fsync'd with
+the state line); a failure to write it is logged and costs readers the index, never
+mail.
 
 Rotation
 --------
@@ -123,8 +128,9 @@ With ``rotate=N``, a batch that crosses a multiple of N is split there: each par
 committed (steps 3-5) into its own file, and between the parts the file is renamed to
 ``PATH.A-B`` (its index to ``PATH.A-B.selsmtp-index``) and a new one begins, under the
 lock (:mod:`selsmtp.rotation` has the policy and the crash analysis). If a later part
-fails, the parts already committed are cut back too, so a batch is stored whole or
-not at all; their numbers stay reserved, as a rotated file's name already covers them.
+fails, the parts already committed are cut back too (and their entries out of the
+rotated file's index), so a batch is stored whole or not at all; their numbers stay
+reserved, as a rotated file's name already covers them.
 """
 
 from __future__ import annotations
@@ -252,6 +258,7 @@ class FileStore:
         self._fsync: Fsync = os.fsync if fsync else _no_fsync
         self._fd = -1
         self._retired: list[int] = []  # files rotated away in this batch (still locked)
+        self._rotated_to: dict[int, str] = {}  # where each of them was rotated to
         self._states: StateFile | None = None
         self._state = State()
         self._torn = False  # a crash left a batch unfinished; repair before appending
@@ -285,7 +292,11 @@ class FileStore:
         except OSError as exc:
             self.close()
             raise StartupError(_cannot("open mailbox", self.path, exc)) from exc
-        self._open_index()
+        try:
+            self._open_index()
+        except StartupError:
+            self.close()
+            raise
         try:
             self._recover(saved)
         except OSError as exc:
@@ -345,6 +356,7 @@ class FileStore:
             self._unlock()
             while self._retired:  # closing them drops their locks
                 os.close(self._retired.pop())
+            self._rotated_to.clear()
 
     def _append_locked(self, batch: Sequence[Deliver], now: float) -> list[int]:
         try:
@@ -433,7 +445,9 @@ class FileStore:
         listed = index is not None and index.describes(st.st_dev, st.st_ino)
         if listed and index is not None and index.last and index.end == size:
             return b""
-        tail = (b"\n\n" + os.pread(self._fd, 2, max(0, size - 2)))[-2:]
+        # A file of one LF (``echo > mailbox``) does not end with a blank line: a
+        # record after it would follow no "\n\n", and a parser would not find it.
+        tail = (b"\0\0" + os.pread(self._fd, 2, max(0, size - 2)))[-2:]
         if tail == b"\n\n":
             self._boundary = (st.st_dev, st.st_ino, size)
             return b""
@@ -490,35 +504,64 @@ class FileStore:
         return records, lengths
 
     def _roll_back(self, start: int, number: int, first: int) -> None:
-        """Cut the file back to ``start`` and the numbers back to ``number``."""
-        try:
-            os.ftruncate(self._fd, start)
-            self._fsync(self._fd)
-        except OSError:
-            log.critical("cannot cut %s back to %d bytes", self.path, start, exc_info=True)
-        self._cut_index(start)
+        """Cut the file back to ``start`` and the numbers back to ``number`` (or, if the
+        cut fails, keep the numbers: :meth:`_cut_failed`)."""
+        if self._cut(self._fd, start):
+            self._cut_index(start)
         state = self._state
-        state.number, state.first, state.size, state.pending = number, first, start, -1
-        state.end = -1
+        if not self._torn:
+            state.number, state.first, state.size, state.pending = number, first, start, -1
+            state.end = -1
         self._save_state_or_log()
+
+    def _cut(self, fd: int, start: int) -> bool:
+        """Cut the file ``fd`` back to ``start``; False if ``ftruncate`` failed. An fsync
+        that fails after it is logged only: the cut is in the file, and the next fsync
+        that succeeds makes it durable before any 250."""
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            if fd == self._fd:
+                self._cut_failed(start)
+            else:
+                log.critical("cannot cut a failed batch out of %s", self.path, exc_info=True)
+            return False
+        try:
+            self._fsync(fd)
+        except OSError:
+            log.critical("cannot make the cut of %s durable", self.path, exc_info=True)
+        return True
+
+    def _cut_failed(self, start: int) -> None:
+        """A failed batch could not be cut out of the current file from
+        ``start`` on. Its numbered records may stay there, so its numbers stay taken;
+        its bytes are pending, as after a crash, and are cut before the next append
+        (:meth:`_repair_locked`) or at the next start."""
+        log.critical(
+            "cannot cut %s back to %d bytes; its numbers stay taken, and the cut is tried "
+            "again before the next append",
+            self.path,
+            start,
+            exc_info=True,
+        )
+        state = self._state
+        state.pending = start
+        state.end = self._torn_size = os.fstat(self._fd).st_size
+        self._torn = True
 
     def _take_back(self, done: list[tuple[int, int]], before: State) -> None:
         """A later part of a split batch failed: cut back the parts already stored."""
         for fd, start in reversed(done):
-            try:
-                os.ftruncate(fd, start)
-                self._fsync(fd)
-            except OSError:
-                log.critical(
-                    "cannot cut a part of a failed batch out of %s", self.path, exc_info=True
-                )
-        # The index of a file rotated away in the batch now lists records past its
-        # end, and readers see it as stale; the current file's is cut here.
+            if fd in self._rotated_to:  # its index went along: cut the part's entries
+                self._cut_rotated_index(self._rotated_to[fd], fd, start)
+            self._cut(fd, start)
         starts = [start for fd, start in done if fd == self._fd]
         if starts:
             self._cut_index(starts[0])
         state = self._state
-        if done[0][0] == self._fd:  # no rotation in between: as before the batch
+        if self._torn:  # a part stays in the file for now: its numbers stay taken
+            pass
+        elif done[0][0] == self._fd:  # no rotation in between: as before the batch
             state.number, state.first, state.size = before.number, before.first, done[0][1]
         else:  # the numbers stay reserved; this file began in the batch and is empty
             state.first, state.size = -1, 0
@@ -544,9 +587,12 @@ class FileStore:
     def _open_index(self) -> None:
         """Open the index and go on with it if it describes the mailbox file; else
         begin it again. Without one (it cannot be opened), mail is stored all the
-        same, and readers parse the mailbox."""
+        same, and readers parse the mailbox; but something other than a regular file
+        at its path is a :class:`StartupError` (SPEC §12)."""
         try:
             index = mailindex.IndexWriter(self.path, self._fsync)
+        except NotRegularFile as exc:
+            raise StartupError(_cannot("open offsets index", self.path, exc)) from exc
         except OSError as exc:
             self._index_failed(mailindex.index_path(self.path), exc)
             return
@@ -620,6 +666,15 @@ class FileStore:
         except OSError as exc:
             self._index_failed(index.path, exc)
 
+    def _cut_rotated_index(self, target: str, fd: int, start: int) -> None:
+        """A part of a failed batch is about to be cut from ``start`` on out of the file
+        (``fd``) rotated to ``target``: cut its entries out of that file's index, so
+        that readers keep the index for the records before it."""
+        try:
+            mailindex.cut(target, os.fstat(fd), start)
+        except OSError as exc:
+            self._index_failed(mailindex.index_path(target), exc)
+
     def _index_failed(self, path: str, exc: OSError) -> None:
         if not self._index_broken:  # once until it works again
             log.error("cannot write %s (%s); readers parse %s instead", path, exc, self.path)
@@ -642,6 +697,7 @@ class FileStore:
             log.error("cannot rotate %s to %s: %s; trying again later", self.path, target, exc)
             return
         self._retired.append(self._fd)
+        self._rotated_to[self._fd] = target
         self._fd = fd
         log.info("rotated %s to %s", self.path, target)
         if self._index is not None:
@@ -678,10 +734,32 @@ class FileStore:
                 return True
             # A consumer renamed the mailbox away: follow the path, not the old file.
             log.info("mailbox %s was moved away; starting a new file", self.path)
+            self._index_follows_rename(self._fd)
             os.close(self._fd)  # also drops the lock on the old file
             self._fd = -1
             self._state.first = -1  # none of our records are in the new file
             self._fd = self._open_mailbox()
+
+    def _index_follows_rename(self, fd: int) -> None:
+        """A consumer renamed the file ``fd`` away. If its new name is in the mailbox's
+        folder (Linux names it in ``/proc/self/fd``), its index goes along, as at a
+        rotation, so readers of the new name still tell records from look-alikes;
+        else the index begins again for the next file, as it does anyway."""
+        index = self._index
+        if index is None:
+            return
+        try:
+            held = os.fstat(fd)
+            moved = os.readlink(f"/proc/self/fd/{fd}")
+            if (
+                not index.describes(held.st_dev, held.st_ino)
+                or os.path.dirname(moved) != os.path.dirname(self.path)
+                or not same_file(moved, fd)
+            ):
+                return
+            index.rename(moved)
+        except OSError as exc:
+            log.info("the index of %s stays where it is: %s", self.path, exc)
 
     def _unlock(self) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN)
@@ -809,8 +887,10 @@ class FileStore:
         saved = self._state
         st = os.fstat(self._fd)
         verdict = self._pending_verdict(st, rebooted=False)
-        if verdict == "none":
-            pass  # the file was emptied or replaced since: nothing of ours is left in it
+        if verdict in ("none", "not-ours"):
+            # The file was emptied or replaced since: nothing of ours is left in it,
+            # and whatever another program wrote there since is kept.
+            pass
         elif st.st_size != self._torn_size:
             # Another program appended after the torn tail while we waited for the
             # lock. Cutting would destroy its records, so the tail stays, and says so.

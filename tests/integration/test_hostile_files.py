@@ -216,7 +216,7 @@ def test_at_start_up_the_mailbox_must_be_a_regular_file(
 
 
 @pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
-@pytest.mark.parametrize("suffix", [".selsmtp", ".selsmtp.lock"])
+@pytest.mark.parametrize("suffix", [".selsmtp", ".selsmtp.lock", ".selsmtp-index"])
 def test_at_start_up_the_state_and_lock_files_must_be_regular_files(
     kind: str, suffix: str, tmp_path: Path
 ) -> None:

@@ -182,3 +182,20 @@ def test_a_damaged_state_file_is_refused_with_what_to_do(damage: str, tmp_path: 
     if damage == "newer-version":
         assert "version 9" in line
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("fmt", ["cs4410", "mbox"])
+@pytest.mark.parametrize("suffix", [".selsmtp", ".selsmtp-index", ".selsmtp.lock"])
+def test_a_file_selsmtp_keeps_beside_a_mailbox_is_refused_as_a_mailbox(
+    fmt: str, suffix: str, tmp_path: Path
+) -> None:
+    # --mailbox mailbox.selsmtp (a slip of tab completion) would append mail to the
+    # other mailbox's state line, index or lock record, and damage it.
+    make_mailbox(tmp_path / "mailbox", "cs4410")
+    side = tmp_path / f"mailbox{suffix}"
+    before = side.read_bytes()
+
+    result = run_selsmtp("--port", "0", "--mailbox", str(side), "--format", fmt)
+
+    assert_one_line(result, str(side), "not a mailbox")
+    assert side.read_bytes() == before

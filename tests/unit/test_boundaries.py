@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from selsmtp import durable, formats, mailindex
+from selsmtp import durable, formats, mailindex, read_mailbox
 from selsmtp.mailindex import IndexEntry
 from selsmtp.session import Envelope
 from selsmtp.store import FileStore
@@ -141,6 +141,25 @@ def test_a_file_that_ends_at_a_boundary_gets_nothing_and_no_warning(
     render = RECORD[fmt]
     assert mailbox.read_bytes() == render(1, b"") + render(2, b"no final line end") + render(3)
     assert warnings(caplog) == []
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_file_holding_only_a_line_end_gets_a_blank_line_before_the_first_record(
+    open_store: OpenStore, mailbox: Path, fmt: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ``echo > mailbox`` leaves one LF. A record right after it follows no blank
+    # line: a reader that parses (no index, e.g. once the file is renamed away)
+    # does not find it there, nor tell the file's format.
+    mailbox.write_bytes(b"\n")
+
+    with caplog.at_level(logging.WARNING, logger="selsmtp.store"):
+        assert open_store(fmt).try_append([deliver()]) == [1]
+
+    assert mailbox.read_bytes() == b"\n\n" + RECORD[fmt](1)
+    assert damage_reported(caplog, 0, 1)
+    Path(mailindex.index_path(str(mailbox))).unlink()
+    assert [m.number for m in read_mailbox(mailbox, fmt)] == [1]
+    assert [m.number for m in read_mailbox(mailbox)] == [1]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -25,6 +25,8 @@ import pytest
 from selsmtp import follow, formats, inbox, reader
 from selsmtp.durable import State
 from selsmtp.session import Envelope
+from selsmtp.store import FileStore
+from tests.stores import deliver, store_options
 
 NAME = "mx.test"
 NOW = 1_700_000_000.0  # Tue Nov 14 22:13:20 2023 UTC
@@ -544,6 +546,28 @@ def test_follow_all_with_a_count(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert [line.split("\t")[5] for line in out.splitlines()] == ["message 1", "message 2"]
     status, out, _ = run(capsys, "follow", "--all", "--json", "--count", "1", path)
     assert (status, json.loads(out)["number"]) == (0, 1)
+
+
+@pytest.mark.parametrize("fmt", ["cs4410", "mbox"])
+def test_damage_at_the_start_of_a_file_hides_no_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    # Another program left bytes that are no record in the empty file; the store's
+    # messages after them are listed and followed, and check names the damage.
+    path = tmp_path / "box"
+    path.write_bytes(b"junk\n")
+    store = FileStore(str(path), **store_options(fmt))
+    try:
+        assert store.try_append([deliver(subject(1)), deliver(subject(2))]) == [1, 2]
+    finally:
+        store.close()
+
+    status, out, _ = run(capsys, "list", path)
+    assert (status, [line.split("\t")[0] for line in out.splitlines()]) == (0, ["1", "2"])
+    status, out, _ = run(capsys, "follow", "--all", "--count", "2", "--timeout", "5", path)
+    assert (status, [line.split("\t")[0] for line in out.splitlines()]) == (0, ["1", "2"])
+    status, out, _ = run(capsys, "check", path)
+    assert status == 1 and "offset 0: garbage" in out
 
 
 def test_follow_timeout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -320,6 +320,31 @@ def test_a_failed_fsync_leaves_no_message_and_gives_the_numbers_back(
     assert sorted(read_back(folder)) == [1, 2]
 
 
+def test_a_message_that_cannot_be_taken_back_keeps_its_number(
+    open_store: OpenStore, folder: Path, fsync: CountingFsync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # new/'s fsync fails, and so does removing the batch's files from new/ (a dying
+    # disk): they stay there, numbered, so their numbers are not given out again.
+    md = open_store()
+    md.try_append([deliver()])
+    fsync.fails = lambda what: what.endswith("/Maildir/new")
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *, dir_fd: int | None = None) -> None:
+        if dir_fd is not None or "/new/" in str(path):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(StoreError):
+        md.try_append([deliver(), deliver()])
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    fsync.fails = lambda what: False
+
+    assert md.try_append([deliver()]) == [4]
+    assert sorted(read_back(folder)) == [1, 2, 3, 4]
+
+
 def test_a_failed_rename_takes_back_the_files_already_in_new(
     open_store: OpenStore, folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -327,11 +352,11 @@ def test_a_failed_rename_takes_back_the_files_already_in_new(
     real_rename = os.rename
     renamed: list[str] = []
 
-    def rename(source: Any, target: Any) -> None:
+    def rename(source: Any, target: Any, **dir_fds: Any) -> None:
         if len(renamed) == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         renamed.append(str(target))
-        real_rename(source, target)
+        real_rename(source, target, **dir_fds)
 
     monkeypatch.setattr(os, "rename", rename)
 
@@ -387,7 +412,7 @@ def _crash_before_the_renames(path: str) -> None:
     """Child process: store one message, then die with a batch written to tmp/ only."""
     md = MaildirStore(path, NAME, host=HOST)
     md.try_append([deliver()])
-    os.rename = lambda source, target: os._exit(3)  # type: ignore[assignment]
+    os.rename = lambda source, target, **dir_fds: os._exit(3)  # type: ignore[assignment]
     md.try_append([deliver(), deliver()])
 
 
@@ -396,8 +421,8 @@ def _crash_between_renames(path: str) -> None:
     md = MaildirStore(path, NAME, host=HOST)
     real_rename = os.rename
 
-    def rename(source: Any, target: Any) -> None:
-        real_rename(source, target)
+    def rename(source: Any, target: Any, **dir_fds: Any) -> None:
+        real_rename(source, target, **dir_fds)
         os._exit(3)
 
     os.rename = rename  # type: ignore[assignment]
@@ -445,3 +470,29 @@ def test_a_message_that_reached_new_before_a_crash_stays_whole(
     assert messages[1].endswith(b"\none\n")
     assert files(folder, "tmp") == []
     assert md.try_append([deliver()]) == [3]
+
+
+# -- folders replaced while the server runs --------------------------------------------
+
+
+@pytest.mark.parametrize("sub", ["tmp", "new"])
+def test_a_folder_replaced_by_a_symlink_while_running_gets_no_mail(
+    open_store: OpenStore, folder: Path, tmp_path: Path, sub: str
+) -> None:
+    # Anyone who can write to the Maildir can swap tmp/ or new/ for a link: the mail
+    # must not go where it points (a 250 for mail outside the Maildir), nor be lost.
+    store = open_store()
+    assert store.try_append([deliver()]) == [1]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (folder / sub).rename(folder / f"{sub}.real")
+    (folder / sub).symlink_to(elsewhere)
+
+    with pytest.raises(StoreError, match=f"{sub}.*symbolic link"):
+        store.try_append([deliver(b"redirected?\r\n")])
+
+    assert os.listdir(elsewhere) == []
+    (folder / sub).unlink()
+    (folder / f"{sub}.real").rename(folder / sub)
+    assert store.try_append([deliver(b"stored again\r\n")]) == [2]
+    assert sorted(read_back(folder)) == [1, 2]

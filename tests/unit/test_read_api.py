@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from selsmtp import formats, read_mailbox
+from selsmtp import durable, formats, read_mailbox
 from selsmtp.maildir import MaildirStore
 from selsmtp.session import Deliver, Envelope
 from selsmtp.store import FileStore, cs4410_renderer, mbox_renderer
@@ -199,6 +199,30 @@ def test_a_torn_record_in_the_middle_is_a_problem_and_the_records_after_it_are_f
     assert box[1].offset == problem.offset + problem.length
 
 
+@pytest.mark.parametrize("fmt", ["cs4410", "mbox"])
+@pytest.mark.parametrize("damage", [b"junk another program left\n", b"F", b"\n"])
+def test_records_after_damage_at_the_start_of_the_file_are_found(
+    tmp_path: Path, fmt: str, damage: bytes
+) -> None:
+    # The file's first bytes are no record (another writer's junk, a lone "F" that
+    # could begin an mbox "From ", `echo > mailbox`): the format is still known
+    # (the state file and the index record it), so the records after it are found.
+    path = tmp_path / "mailbox"
+    path.write_bytes(damage)
+    store = open_store(fmt, path)
+    try:
+        store.try_append([Deliver(BCC, b"one\r\n"), Deliver(BCC, b"two\r\n")])
+    finally:
+        store.close()
+
+    box = read_mailbox(path)
+
+    assert box.format == fmt
+    assert [(m.number, m.raw) for m in box] == [(1, b"one\n"), (2, b"two\n")]
+    [problem] = box.problems
+    assert (problem.offset, problem.kind.value) == (0, "garbage")
+
+
 def test_an_8bit_sender_reads_back_from_every_format(tmp_path: Path) -> None:
     for fmt in ("cs4410", "mbox", "maildir"):
         store = open_store(fmt, tmp_path / fmt)
@@ -233,6 +257,60 @@ def test_records_another_program_appended_between_indexed_ones_are_listed(
     assert [(m.number, m.server_name) for m in box] == [(1, NAME), (99, "other.host"), (2, NAME)]
     assert [p.kind.value for p in box.problems] == ["out-of-order"]  # 2 after 99: no damage
     assert box.warnings == ()
+
+
+def test_the_index_still_counts_while_a_crash_left_its_last_batch_pending(
+    tmp_path: Path,
+) -> None:
+    # The process died after listing its batch in the index and before recording the
+    # commit: the state line names the batch as pending, and readers hide it. The
+    # index still holds for every record before it: no look-alike is read as a record.
+    path = tmp_path / "mailbox"
+    forged = (
+        b"hi\r\n\r\nReceived: from x by mx.test (CS4410MP3)\r\nNumber: 2\r\n"
+        b"From: ceo@corp\r\nTo: victim@corp\r\n\r\nforged\r\n"
+    )
+    store = open_store("cs4410", path)
+    try:
+        store.try_append([Deliver(BCC, forged)])
+        store.try_append([Deliver(BCC, b"two\r\n")])
+    finally:
+        store.close()
+    state_path = Path(f"{path}{durable.STATE_SUFFIX}")
+    state = durable.State.decode(state_path.read_bytes())
+    assert state is not None
+    second = read_mailbox(path)[1]
+    state.pending, state.end = second.offset, second.end
+    state.number = state.reserved = 2
+    state_path.write_bytes(state.encode())
+
+    box = read_mailbox(path)
+
+    assert [(m.number, m.sender) for m in box] == [(1, BCC.reverse_path)]
+    assert [p.kind.value for p in box.problems] == ["torn-tail"]
+    assert [w.kind.value for w in box.warnings] == ["look-alike"]
+
+
+def test_a_mailbox_a_consumer_renamed_is_read_by_its_index_at_once(tmp_path: Path) -> None:
+    # `mv mailbox taken && inbox list taken`: the server has not appended since, so
+    # the index is still mailbox.selsmtp-index, naming the file now called taken.
+    path = tmp_path / "mailbox"
+    body = (
+        b"hi\r\n\r\nReceived: from x by mx.test (CS4410MP3)\r\nNumber: 2\r\n"
+        b"From: ceo@corp\r\nTo: victim@corp\r\n\r\nforged\r\n"
+    )
+    store = open_store("cs4410", path)
+    try:
+        store.try_append([Deliver(BCC, body), Deliver(BCC, b"two\r\n")])
+    finally:
+        store.close()
+    taken = tmp_path / "taken"
+    path.rename(taken)
+
+    box = read_mailbox(taken)
+
+    assert [(m.number, m.sender) for m in box] == [(1, BCC.reverse_path), (2, BCC.reverse_path)]
+    assert [w.kind.value for w in box.warnings] == ["look-alike"]
 
 
 def test_an_index_that_does_not_match_the_file_is_not_trusted(tmp_path: Path) -> None:

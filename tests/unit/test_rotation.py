@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from selsmtp import formats, rotation, store
+from selsmtp import formats, mailindex, read_mailbox, rotation, store
 from selsmtp.config import Config
 from selsmtp.durable import State
 from selsmtp.session import Deliver
@@ -317,6 +317,26 @@ def test_a_failure_after_the_boundary_takes_back_the_whole_batch(
     assert layout(mailbox_path.parent) == {"mailbox": [5, 6], "mailbox.1-4": [1, 2]}
 
 
+def test_a_failure_after_the_boundary_leaves_the_rotated_file_its_index(
+    open_store: OpenStore, mailbox_path: Path
+) -> None:
+    # The part cut out of the rotated file loses its entries; the records before it
+    # keep theirs, so readers still tell them from look-alikes in their bodies.
+    mailbox_store = open_store(rotate=4, render=failing_renderer())
+    mailbox_store.try_append([deliver(), deliver()])
+
+    with pytest.raises(StoreError):
+        mailbox_store.try_append([deliver(), deliver(), deliver(), deliver(FAIL)])
+
+    rotated = mailbox_path.with_name("mailbox.1-4")
+    assert mailindex.load(str(rotated), rotated.stat()) == [
+        (0, len(record(1)), 1),
+        (len(record(1)), len(record(2)), 2),
+    ]
+    box = read_mailbox(rotated)
+    assert ([m.number for m in box], box.warnings, box.problems) == ([1, 2], (), ())
+
+
 def test_a_failure_before_the_boundary_gives_the_numbers_back(
     open_store: OpenStore, mailbox_path: Path
 ) -> None:
@@ -440,3 +460,19 @@ def test_a_file_is_due_once_it_reaches_a_multiple_of_n(
     every: int, first: int, number: int, due: bool
 ) -> None:
     assert rotation.is_due(every, first, number) is due
+
+
+def test_mail_files_are_private_like_a_maildir(open_store: OpenStore, tmp_path: Path) -> None:
+    # A mail spool is read by its owner only (a Maildir's folders are 0700): with the
+    # usual umask 022, the mailbox, the file a rotation begins and the side files
+    # that describe them are 0600, not readable by every local user.
+    old = os.umask(0o022)
+    try:
+        mailbox_store = open_store(rotate=2)
+        assert mailbox_store.try_append([deliver(), deliver(), deliver()]) == [1, 2, 3]
+    finally:
+        os.umask(old)
+
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir() if p.is_file()}
+    assert {"mailbox", "mailbox.1-2", "mailbox.selsmtp", "mailbox.selsmtp-index"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o600)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from selsmtp import formats, instance, store
+from selsmtp import formats, instance, reader, store
 from selsmtp.durable import State
 from selsmtp.session import Deliver
 from selsmtp.store import FileStore, StartupError, StoreError, cs4410_renderer
@@ -485,6 +485,33 @@ def test_after_a_reboot_another_programs_mail_where_a_batch_was_pending_is_kept(
     assert mailbox.read_bytes() == FOREIGN
 
 
+def test_within_one_boot_another_programs_mail_where_a_batch_was_pending_is_kept(
+    open_store: OpenStore, mailbox: Path
+) -> None:
+    # A crash cut a batch short; while the server was down, a consumer emptied the
+    # file and another program appended its own mail, past where the batch began but
+    # not past where it would have ended. No record head of ours is there: those
+    # bytes are another program's, and neither the store nor a reader cuts them.
+    child = multiprocessing.get_context("spawn").Process(
+        target=_crash_in_the_middle_of_an_append, args=(str(mailbox),)
+    )
+    child.start()
+    child.join(WAIT)
+    assert child.exitcode == 3
+    state = State.decode(state_path(mailbox).read_bytes())
+    assert state is not None and 0 < state.pending < state.end
+    _movemail(mailbox)
+    foreign = FOREIGN * (state.pending // len(FOREIGN) + 1)
+    assert state.pending < len(foreign) <= state.end
+    _append_foreign(mailbox, foreign)
+    with mailbox.open("rb") as seen:
+        assert reader.pending_append(mailbox, seen.fileno()) is None
+
+    open_store().close()
+
+    assert mailbox.read_bytes() == foreign
+
+
 def test_a_failed_fsync_of_the_state_line_reserves_nothing(
     open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -659,6 +686,35 @@ def is_file(fd: int, path: Path) -> bool:
         return False
     held, named = os.fstat(fd), os.stat(path)
     return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
+def test_a_batch_that_cannot_be_cut_back_keeps_its_numbers_and_is_cut_before_the_next(
+    open_store: OpenStore, mailbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failed fsync, then a failed cut (a dying disk): the batch's bytes stay in the
+    # file for now, numbered. Its numbers are not given out again, and the batch is
+    # cut before anything else is appended.
+    fsync = FailingFsync()
+    monkeypatch.setattr(os, "fsync", fsync)
+    mailbox_store = open_store()
+    mailbox_store.try_append([deliver()])
+    real_ftruncate = os.ftruncate
+
+    def ftruncate(fd: int, length: int) -> None:
+        if is_file(fd, mailbox):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_ftruncate(fd, length)
+
+    fsync.fails = lambda fd: is_file(fd, mailbox)
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    with pytest.raises(StoreError):
+        mailbox_store.try_append([deliver(b"never acknowledged\r\n")])
+    assert mailbox.read_bytes() == record(1) + record(2, b"never acknowledged\n")
+
+    fsync.fails = lambda fd: False
+    monkeypatch.setattr(os, "ftruncate", real_ftruncate)
+    assert mailbox_store.try_append([deliver()]) == [3]
+    assert mailbox.read_bytes() == record(1) + record(3)
 
 
 @pytest.mark.parametrize("which", ["mailbox", "state"])

@@ -16,7 +16,7 @@ import pytest
 from selsmtp import formats, mailindex
 from selsmtp.mailindex import IndexEntry
 from selsmtp.session import Envelope
-from selsmtp.store import FileStore, StoreError, cs4410_renderer
+from selsmtp.store import FileStore, StartupError, StoreError, cs4410_renderer
 from tests.stores import NAME, WAIT, deliver, record
 
 pytestmark = pytest.mark.timeout(60)
@@ -191,17 +191,34 @@ def test_a_file_emptied_and_written_longer_by_others_gets_its_index_begun_again(
     assert index_of(mailbox) == [(len(foreign), len(record(2)), 2)]
 
 
-def test_a_file_renamed_away_keeps_no_index_and_the_new_file_gets_one(
+def test_a_file_renamed_in_its_folder_takes_its_index_along_and_the_new_file_gets_one(
     open_store: OpenStore, mailbox: Path, tmp_path: Path
 ) -> None:
     mailbox_store = open_store()
     mailbox_store.try_append([deliver()])
-    os.rename(mailbox, tmp_path / "taken")
+    os.rename(mailbox, tmp_path / "taken")  # a consumer takes the mail
 
     mailbox_store.try_append([deliver()])
 
     assert index_of(mailbox) == lay_out(record(2), first=2)
-    assert mailindex.load(str(tmp_path / "taken"), (tmp_path / "taken").stat()) is None
+    taken = tmp_path / "taken"
+    assert mailindex.load(str(taken), taken.stat()) == lay_out(record(1))
+
+
+def test_a_file_renamed_out_of_its_folder_keeps_no_index(
+    open_store: OpenStore, mailbox: Path, tmp_path: Path
+) -> None:
+    mailbox_store = open_store()
+    mailbox_store.try_append([deliver()])
+    (tmp_path / "elsewhere").mkdir()
+    taken = tmp_path / "elsewhere" / "taken"
+    os.rename(mailbox, taken)
+
+    mailbox_store.try_append([deliver()])
+
+    assert index_of(mailbox) == lay_out(record(2), first=2)
+    assert mailindex.load(str(taken), taken.stat()) is None
+    assert sorted(p.name for p in taken.parent.iterdir()) == ["taken"]
 
 
 def test_a_restart_after_a_consumer_emptied_the_file(open_store: OpenStore, mailbox: Path) -> None:
@@ -301,16 +318,30 @@ def test_a_failed_batch_leaves_no_entries(
     assert index_of(mailbox) == lay_out(record(1))
 
 
-def test_the_index_that_cannot_be_written_costs_no_mail(
-    open_store: OpenStore, mailbox: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_something_other_than_a_regular_file_at_the_index_path_is_refused_at_start_up(
+    open_store: OpenStore, tmp_path: Path
 ) -> None:
     index = tmp_path / "mailbox.selsmtp-index"
-    index.symlink_to(tmp_path / "elsewhere")  # never followed
+    index.symlink_to(tmp_path / "elsewhere")  # never followed (SPEC §12)
 
+    with pytest.raises(StartupError, match="selsmtp-index is a symbolic link"):
+        open_store()
+
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_the_index_that_cannot_be_written_costs_no_mail(
+    open_store: OpenStore, mailbox: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     mailbox_store = open_store()
     assert mailbox_store.try_append([deliver()]) == [1]
+    index = mailbox_store._index
+    assert index is not None
+    read_only = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(read_only, index.fd)  # every write to the index now fails (EBADF)
+    os.close(read_only)
 
-    assert mailbox.read_bytes() == record(1)
-    assert not (tmp_path / "elsewhere").exists()
-    assert index_of(mailbox) is None
+    assert mailbox_store.try_append([deliver()]) == [2]
+
+    assert mailbox.read_bytes() == record(1) + record(2)
     assert any("selsmtp-index" in r.getMessage() for r in caplog.records)
