@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.serve_forever()
         count = server.delivered
-        log.info("stopped; %d message%s delivered", count, "" if count == 1 else "s")
+        log.info("stopped; %s delivered", logs.counted(count, "message"))
     finally:
         log_handler.writer.drain(EXIT_DRAIN)
     return 0

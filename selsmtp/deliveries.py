@@ -126,11 +126,13 @@ class Deliveries:
         try:
             numbers = self._store.try_append([waiting.deliver for waiting in batch])
         except StoreError as exc:
-            log.error("%s; %d messages refused with 451", exc, len(batch))
+            log.error("%s; %s refused with 451", exc, logs.counted(len(batch), "message"))
             self._refuse(batch, replies.WRITE_ERROR, now)
             return
         except Exception:
-            log.exception("bug in the store; %d messages refused with 451", len(batch))
+            log.exception(
+                "bug in the store; %s refused with 451", logs.counted(len(batch), "message")
+            )
             self._refuse(batch, replies.WRITE_ERROR, now)
             return
         if numbers is None:
@@ -150,8 +152,8 @@ class Deliveries:
                 count = len(envelope.forward_paths)
                 logs.info(
                     log,
-                    f"delivered message {number} from <{envelope.reverse_path}> to {count} "
-                    f"recipient{'' if count == 1 else 's'} for {conn.peer}",
+                    f"delivered message {number} from <{envelope.reverse_path}> to "
+                    f"{logs.counted(count, 'recipient')} for {conn.peer}",
                 )
             resolve(conn, functools.partial(conn.session.delivered, number), now)
 
@@ -167,9 +169,9 @@ class Deliveries:
         expired = [w for w in batch if now - w.since >= lock_wait]
         if expired:
             log.warning(
-                "mailbox locked for %.0f s; %d messages refused with 451",
+                "mailbox locked for %.0f s; %s refused with 451",
                 lock_wait,
-                len(expired),
+                logs.counted(len(expired), "message"),
             )
             self._refuse(expired, replies.MAILBOX_BUSY, now)
             batch = [w for w in batch if now - w.since < lock_wait]

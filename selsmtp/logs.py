@@ -288,6 +288,11 @@ class Handler(logging.Handler):
 _handler: Handler | None = None
 
 
+def counted(count: int, noun: str) -> str:
+    """``"1 message"``, ``"2 messages"``: a count and its noun, for log lines."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def info(logger: logging.Logger, message: str) -> None:
     """Log ``message``, already formatted, at info level: straight into the command
     line's buffer when it is set up, else through ``logger``. For the lines made per

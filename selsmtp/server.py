@@ -52,7 +52,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from selsmtp import replies
+from selsmtp import logs, replies
 from selsmtp.config import Config
 from selsmtp.connection import RECV_DATA, Connection
 from selsmtp.deadlines import NEVER, Deadlines
@@ -275,9 +275,9 @@ class Server:
 
     def _begin_shutdown(self, now: float) -> None:
         log.info(
-            "shutting down: %d connections, %d messages waiting to be stored",
-            len(self.connections),
-            len(self._deliveries),
+            "shutting down: %s, %s waiting to be stored",
+            logs.counted(len(self.connections), "connection"),
+            logs.counted(len(self._deliveries), "message"),
         )
         self.phase = Phase.STOPPING
         self._stopping_since = now
@@ -296,9 +296,9 @@ class Server:
         deliveries = self._deliveries
         if deliveries and elapsed >= self.config.shutdown_lock_wait:
             log.warning(
-                "mailbox still locked after %.0f s of shutdown; %d messages refused",
+                "mailbox still locked after %.0f s of shutdown; %s refused",
                 elapsed,
-                len(deliveries),
+                logs.counted(len(deliveries), "message"),
             )
             deliveries.refuse_all(replies.MAILBOX_BUSY, now)
         if elapsed >= self.config.shutdown_lock_wait + SHUTDOWN_GRACE:

@@ -275,3 +275,12 @@ def test_the_direct_line_matches_the_formatter(pipe: tuple[int, int]) -> None:
     )
     stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
     assert int(before) <= stamp <= time.time()
+
+
+def test_a_count_of_one_takes_the_singular() -> None:
+    assert logs.counted(1, "message") == "1 message"
+    assert [logs.counted(n, "connection") for n in (0, 2, 1000)] == [
+        "0 connections",
+        "2 connections",
+        "1000 connections",
+    ]
