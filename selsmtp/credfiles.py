@@ -36,12 +36,21 @@ def check_regular(option: str, path: str) -> None:
 
 def load_credentials(path: str) -> Credentials:
     """Read ``path``: one ``user:password`` per line; blank lines and ``#`` comments skip."""
-    check_regular("--auth", path)
+    # Why open, then fstat: a file swapped for a FIFO between a check by path and the
+    # open would block the start-up; O_NONBLOCK makes the open itself never wait.
     try:
-        with open(path, "rb") as file:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StartupError(f"--auth {path}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StartupError(f"--auth {path}: not a regular file")
+        with open(fd, "rb", closefd=False) as file:
             data = file.read(MAX_USERS_FILE + 1)
     except OSError as exc:
         raise StartupError(f"--auth {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_USERS_FILE:
         raise StartupError(f"--auth {path}: larger than {MAX_USERS_FILE} bytes")
     try:
