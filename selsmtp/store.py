@@ -107,20 +107,10 @@ commit left it: at the first append after a start, or after another program wrot
 
 The offsets index
 -----------------
-``PATH.selsmtp-index`` (:mod:`selsmtp.mailindex`) lists the offset, length and number
-of every record this store wrote into the file, so that readers find exactly those
-records even when a ``cs4410`` body holds look-alike record heads (SPEC §7). Its
-entries are appended after the batch's fsync and before its commit is recorded, so
-they never point at mail that is not on disk, and a batch that start-up or a failure
-cuts loses its entries too. The index follows the file: it begins again (a header
-naming the file, no entries) for a new file, one renamed away, one a consumer
-emptied or others rewrote (its last entry's record head is no longer there), and it
-is renamed along with a rotated file, or with a file a consumer renamed within the
-mailbox's folder (``mv mailbox taken``: ``taken.selsmtp-index``). Another program's
-records and the bytes the store writes to reach a record boundary are not listed.
-The index costs one ``write`` per batch and no fsync of its own (it is fsync'd with
-the state line); a failure to write it is logged and costs readers the index, never
-mail.
+``PATH.selsmtp-index`` lists the offset, length and number of every record this store
+wrote into the file, appended after the batch's fsync and before its commit is
+recorded (step 5), and cut with a batch that is cut; :mod:`selsmtp.storeindex` keeps
+it and says how it follows the file.
 
 Rotation
 --------
@@ -144,7 +134,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from selsmtp import formats, instance, mailindex, rotation
+from selsmtp import formats, instance, rotation
 from selsmtp.config import Config
 from selsmtp.durable import (
     HEAD_BYTES,
@@ -169,6 +159,7 @@ from selsmtp.durable import (
     write_pieces,
 )
 from selsmtp.session import Deliver
+from selsmtp.storeindex import StoreIndex
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
@@ -247,15 +238,14 @@ class FileStore:
         if format is None:  # the format the records of ``render`` are in
             format = "mbox" if number_pattern is formats.MBOX_NUMBER else "cs4410"
         self.format = format
-        self._index: mailindex.IndexWriter | None = None
-        self._index_broken = False  # the last index write failed (said once)
+        self._fsync: Fsync = os.fsync if fsync else _no_fsync
+        self._index = StoreIndex(self.path, format, number_pattern, self._fsync)
         #: (dev, ino, length) of the file where our last commit ended it: a boundary
         self._boundary = (-1, -1, -1)
         self._render = render
         self._rotate = rotate or 0
         self._number_pattern = number_pattern
         self._clock = clock
-        self._fsync: Fsync = os.fsync if fsync else _no_fsync
         self._fd = -1
         self._retired: list[int] = []  # files rotated away in this batch (still locked)
         self._rotated_to: dict[int, str] = {}  # where each of them was rotated to
@@ -293,7 +283,7 @@ class FileStore:
             self.close()
             raise StartupError(_cannot("open mailbox", self.path, exc)) from exc
         try:
-            self._open_index()
+            self._index.open(self._fd)
         except StartupError:
             self.close()
             raise
@@ -317,12 +307,10 @@ class FileStore:
             state.reserved = state.number
             try:
                 self._save_state(sync=True)  # the line, then the lock file's record
-                if self._index is not None:
-                    self._index.sync()
+                self._index.sync()
             except OSError:
                 log.error("cannot update %s", self.state_path, exc_info=True)
-        if self._index is not None:
-            self._index.close()
+        self._index.close()
         for fd in [self._fd, *self._retired]:
             if fd >= 0:
                 os.close(fd)
@@ -401,7 +389,7 @@ class FileStore:
             or (st.st_dev, st.st_ino) != (state.dev, state.ino)
             or start < state.size
         )
-        index = self._index_for(st)
+        index = self._index.ready_for(self._fd, st, state.size)
         fixup = self._fixup(st)
         try:
             records, lengths = self._render_part(number + 1, part, now)
@@ -420,7 +408,7 @@ class FileStore:
                 raise OSError(errno.EIO, f"wrote {written} bytes of a {length}-byte batch")
             self._fsync(self._fd)
             if index is not None:
-                self._index_records(index, start + len(fixup), lengths, number + 1, sync=sync)
+                self._index.list_records(index, start + len(fixup), lengths, number + 1, sync)
             state.size, state.pending, state.end = start + written, -1, -1
             self._save_state(sync=False)
         except OSError:
@@ -439,11 +427,9 @@ class FileStore:
         size = st.st_size
         if size == 0 or self._boundary == (st.st_dev, st.st_ino, size):
             return b""
-        # Our own last record (checked by _index_for) ends the file: it ends with no
+        # Our own last record (checked by ready_for) ends the file: it ends with no
         # blank line when its body had no final LF, and is a boundary all the same.
-        index = self._index
-        listed = index is not None and index.describes(st.st_dev, st.st_ino)
-        if listed and index is not None and index.last and index.end == size:
+        if self._index.ends_file(st):
             return b""
         # A file of one LF (``echo > mailbox``) does not end with a blank line: a
         # record after it would follow no "\n\n", and a parser would not find it.
@@ -469,12 +455,10 @@ class FileStore:
         """Where the last whole record of the file ``st`` ends, as well as we can tell
         (and whether that is exact): past the last record listed in the index, at the
         start of the last record head that follows a blank line after it."""
-        index = self._index
-        known = 0
-        if index is not None and index.describes(st.st_dev, st.st_ino):
-            known = index.end  # checked by _index_for: our last record is there
-        elif (st.st_dev, st.st_ino) == (self._state.dev, self._state.ino):
-            known = min(self._state.size, st.st_size)
+        known = self._index.listed_end(st)  # checked by ready_for: our last record is there
+        if known is None:
+            same = (st.st_dev, st.st_ino) == (self._state.dev, self._state.ino)
+            known = min(self._state.size, st.st_size) if same else 0
         window = max(known, st.st_size - DAMAGE_WINDOW)
         data = os.pread(self._fd, st.st_size - window, window)
         found = data.rfind(RECORD_STARTS[self.format])
@@ -507,7 +491,7 @@ class FileStore:
         """Cut the file back to ``start`` and the numbers back to ``number`` (or, if the
         cut fails, keep the numbers: :meth:`_cut_failed`)."""
         if self._cut(self._fd, start):
-            self._cut_index(start)
+            self._index.cut(start)
         state = self._state
         if not self._torn:
             state.number, state.first, state.size, state.pending = number, first, start, -1
@@ -553,11 +537,11 @@ class FileStore:
         """A later part of a split batch failed: cut back the parts already stored."""
         for fd, start in reversed(done):
             if fd in self._rotated_to:  # its index went along: cut the part's entries
-                self._cut_rotated_index(self._rotated_to[fd], fd, start)
+                self._index.cut_rotated(self._rotated_to[fd], fd, start)
             self._cut(fd, start)
         starts = [start for fd, start in done if fd == self._fd]
         if starts:
-            self._cut_index(starts[0])
+            self._index.cut(starts[0])
         state = self._state
         if self._torn:  # a part stays in the file for now: its numbers stay taken
             pass
@@ -582,104 +566,6 @@ class FileStore:
         except OSError:
             log.error("cannot update %s", self.state_path, exc_info=True)
 
-    # -- the offsets index (selsmtp.mailindex) -----------------------------------
-
-    def _open_index(self) -> None:
-        """Open the index and go on with it if it describes the mailbox file; else
-        begin it again. Without one (it cannot be opened), mail is stored all the
-        same, and readers parse the mailbox; but something other than a regular file
-        at its path is a :class:`StartupError` (SPEC §12)."""
-        try:
-            index = mailindex.IndexWriter(self.path, self._fsync)
-        except NotRegularFile as exc:
-            raise StartupError(_cannot("open offsets index", self.path, exc)) from exc
-        except OSError as exc:
-            self._index_failed(mailindex.index_path(self.path), exc)
-            return
-        try:
-            if index.adopt(self.format, os.fstat(self._fd)) and not self._holds_last(index):
-                index.reset(self.format, index.dev, index.ino)  # the file was rewritten
-        except OSError as exc:
-            index.close()
-            self._index_failed(index.path, exc)
-            return
-        self._index = index
-
-    def _holds_last(self, index: mailindex.IndexWriter) -> bool:
-        """True if the last record ``index`` lists still begins where it says."""
-        if not index.last:
-            return True
-        head = os.pread(self._fd, HEAD_BYTES, index.last_offset)
-        found = self._number_pattern.search(head)
-        return (
-            found is not None
-            and b"\n" not in head[: found.start()]
-            and int(found.group(1)) == index.last
-        )
-
-    def _index_for(self, st: os.stat_result) -> mailindex.IndexWriter | None:
-        """The index, ready to list records appended at the end of the file ``st``:
-        begun again if it describes another file (new, or renamed away) or one
-        emptied or rewritten since its last entry. ``None`` if it cannot be written.
-
-        No system call when the file is the one our last commit left (a pread when
-        another program appended since)."""
-        index = self._index
-        if index is None:
-            return None
-        try:
-            if (
-                not index.describes(st.st_dev, st.st_ino)
-                or st.st_size < index.end
-                or (st.st_size != self._state.size and not self._holds_last(index))
-            ):
-                index.reset(self.format, st.st_dev, st.st_ino)
-        except OSError as exc:
-            self._index_failed(index.path, exc)
-            return None
-        return index
-
-    def _index_records(
-        self, index: mailindex.IndexWriter, start: int, lengths: list[int], first: int, sync: bool
-    ) -> None:
-        """List the records just committed at ``start`` (their ``lengths``, numbered
-        from ``first``) in one write. A failure costs readers the index, never mail."""
-        entries = []
-        for number, length in enumerate(lengths, first):
-            entries.append(mailindex.IndexEntry(start, length, number))
-            start += length
-        try:
-            index.append(entries)
-            if sync:  # the state line was made durable for this commit: the index too
-                index.sync()
-            self._index_broken = False
-        except OSError as exc:
-            self._index_failed(index.path, exc)
-
-    def _cut_index(self, length: int) -> None:
-        """Records past ``length`` were cut from the current file: cut their entries."""
-        index = self._index
-        if index is None:
-            return
-        try:
-            index.truncate_to(length)
-        except OSError as exc:
-            self._index_failed(index.path, exc)
-
-    def _cut_rotated_index(self, target: str, fd: int, start: int) -> None:
-        """A part of a failed batch is about to be cut from ``start`` on out of the file
-        (``fd``) rotated to ``target``: cut its entries out of that file's index, so
-        that readers keep the index for the records before it."""
-        try:
-            mailindex.cut(target, os.fstat(fd), start)
-        except OSError as exc:
-            self._index_failed(mailindex.index_path(target), exc)
-
-    def _index_failed(self, path: str, exc: OSError) -> None:
-        if not self._index_broken:  # once until it works again
-            log.error("cannot write %s (%s); readers parse %s instead", path, exc, self.path)
-        self._index_broken = True
-
     # -- rotation ----------------------------------------------------------------
 
     def _rotation_due(self) -> bool:
@@ -700,12 +586,7 @@ class FileStore:
         self._rotated_to[self._fd] = target
         self._fd = fd
         log.info("rotated %s to %s", self.path, target)
-        if self._index is not None:
-            try:
-                self._index.rename(target)
-            except OSError as exc:
-                log.error("cannot move the index of %s along to %s: %s", self.path, target, exc)
-            self._index_for(os.fstat(fd))
+        self._index.rotated(target, fd, state.size)
         state.first, state.size, state.pending = -1, 0, -1
         try:
             st = os.fstat(fd)
@@ -734,32 +615,11 @@ class FileStore:
                 return True
             # A consumer renamed the mailbox away: follow the path, not the old file.
             log.info("mailbox %s was moved away; starting a new file", self.path)
-            self._index_follows_rename(self._fd)
+            self._index.follows_rename(self._fd)
             os.close(self._fd)  # also drops the lock on the old file
             self._fd = -1
             self._state.first = -1  # none of our records are in the new file
             self._fd = self._open_mailbox()
-
-    def _index_follows_rename(self, fd: int) -> None:
-        """A consumer renamed the file ``fd`` away. If its new name is in the mailbox's
-        folder (Linux names it in ``/proc/self/fd``), its index goes along, as at a
-        rotation, so readers of the new name still tell records from look-alikes;
-        else the index begins again for the next file, as it does anyway."""
-        index = self._index
-        if index is None:
-            return
-        try:
-            held = os.fstat(fd)
-            moved = os.readlink(f"/proc/self/fd/{fd}")
-            if (
-                not index.describes(held.st_dev, held.st_ino)
-                or os.path.dirname(moved) != os.path.dirname(self.path)
-                or not same_file(moved, fd)
-            ):
-                return
-            index.rename(moved)
-        except OSError as exc:
-            log.info("the index of %s stays where it is: %s", self.path, exc)
 
     def _unlock(self) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN)
@@ -916,7 +776,7 @@ class FileStore:
         else:
             os.ftruncate(self._fd, saved.pending)
             self._fsync(self._fd)
-            self._cut_index(saved.pending)
+            self._index.cut(saved.pending)
             log.warning(
                 "removed a torn tail of %d bytes from %s (an append cut short by a crash)",
                 st.st_size - saved.pending,
