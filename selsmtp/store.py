@@ -59,20 +59,10 @@ the lock and are kept. This crash rule exists once, as
 :func:`~selsmtp.durable.pending_verdict`: the readers hide exactly the bytes it cuts.
 
 After a reboot (a power cut), the line may be any one written since its last fsync,
-older than the mailbox, whose acknowledged records were all fsync'd. Start-up knows
-this case by the boot named in the line, and reads the line as a lower bound:
-
-* a batch it names as pending stays if all of its bytes are in the file (its 250 may
-  have gone out); if not, it is cut only if a record head of ours still starts
-  there, since a consumer may have emptied the file and another program written
-  into it since;
-* numbers continue after the reserve of the last fsync'd line, because the records
-  of numbers given out since may have been taken away by a consumer. A line that is
-  fsync'd reserves the next :data:`RESERVED_NUMBERS` numbers, no number past the
-  reserve is given out before a line reserving it is fsync'd (a failed fsync
-  reserves nothing), and every start fsyncs the line it read, whose reserve may
-  have been in the page cache only. So an unclean reboot can leave a gap, never a
-  repeat; a clean stop records the exact number as the reserve, and leaves none.
+older than the mailbox, and start-up reads it as a lower bound: a line that is fsync'd
+reserves the next :data:`RESERVED_NUMBERS` numbers, and no number past the reserve is
+given out before a line reserving it is fsync'd. :mod:`selsmtp.recovery` says how a
+start settles the numbers and a pending batch after a crash or a reboot.
 
 The line is also fsync'd whenever the file is not the one it describes (a new file,
 or one emptied by a consumer), so that a pending batch it names is in this file.
@@ -87,9 +77,7 @@ In this order, so that a refusal changes no file: the format guard reads the pat
 (:mod:`selsmtp.instance`: one server per mailbox, and a second record of the numbers);
 the state line is read, a damaged one refused; the guard runs again with the format
 the line records; only then are the mailbox and the state file opened (created if
-missing) and recovered. A state line older than the lock file's record (restored
-from a copy) is set aside as if missing: the mailbox is scanned, and numbers continue
-after the largest number either knows.
+missing) and recovered (:mod:`selsmtp.recovery`).
 
 Record boundaries
 -----------------
@@ -134,10 +122,9 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from selsmtp import formats, instance, rotation
+from selsmtp import formats, instance, recovery, rotation
 from selsmtp.config import Config
 from selsmtp.durable import (
-    HEAD_BYTES,
     MAX_IOV,
     STATE_SUFFIX,
     WRITE_CHUNK,
@@ -151,13 +138,13 @@ from selsmtp.durable import (
     check_format,
     fsync_directory,
     open_regular,
-    pending_verdict,
     read_state,
     same_file,
     save_numbers,
     write_all,
     write_pieces,
 )
+from selsmtp.recovery import SCAN_OVERLAP as SCAN_OVERLAP
 from selsmtp.session import Deliver
 from selsmtp.storeindex import StoreIndex
 
@@ -184,9 +171,6 @@ __all__ = [
 
 log = logging.getLogger("selsmtp.store")
 
-#: the start-up scan reads chunks that overlap by this much, so a record header
-#: cut by a chunk boundary is seen whole in one of them
-SCAN_OVERLAP: Final = 8192
 #: how far past the last number a durable state line reserves numbers; the line is
 #: fsync'd again only when they run out (about once per this many messages)
 RESERVED_NUMBERS: Final = 1000
@@ -648,40 +632,17 @@ class FileStore:
     def _recover(self, saved: State | None) -> None:
         """Find the last number, and remove a torn tail left by a crash."""
         assert self._instance is not None
-        if saved is not None and self._instance.is_older(saved, self._boot):
-            log.warning(
-                "%s is older than the numbers recorded in %s (restored from a copy?); "
-                "its commit marker is ignored, and numbers continue after %d",
-                self.state_path,
-                self._instance.path,
-                self._instance.floor(self._boot),
-            )
-            saved = None
-        if saved is None:
-            self._recover_without_state()
-            return
-        saved.format = self.format
-        self._state = saved
-        rotation.remove_leftovers(self.path, self._fd, saved.first, saved.number)
-        st = os.fstat(self._fd)
-        if (st.st_dev, st.st_ino) != (saved.dev, saved.ino):
-            saved.first = -1  # not the file the state knows: a new one
-        if not saved.boot or saved.boot != self._boot:
-            # The line may be older than the mailbox: any line written since its last
-            # fsync can be the one that survived. Settle the batch it names as pending
-            # (the crash rule, durable.pending_verdict), and the numbers.
-            verdict = self._pending_verdict(st, rebooted=True)
-            if verdict == "whole":  # its fsync may have finished and its 250 gone out
-                saved.size, saved.pending, saved.end = saved.end, -1, -1
-            elif verdict == "not-ours":  # emptied and written again since
-                saved.size, saved.pending, saved.end = st.st_size, -1, -1
-            self._recover_numbers_after_reboot(saved)
-        # Once per start, the line is made durable: it may exist only in the page cache
-        # (written by a process of this boot that died), and its reserve must survive
-        # a power cut before this process gives out any number it covers.
-        saved.boot = self._boot
+        self._state = recovery.recovered_state(
+            self._fd,
+            saved,
+            path=self.path,
+            fmt=self.format,
+            boot=self._boot,
+            instance=self._instance,
+            number_pattern=self._number_pattern,
+        )
         self._save_state(sync=True)
-        if saved.pending < 0:
+        if self._state.pending < 0:
             return
         # A batch was being written when the process died. Its numbers stay reserved
         # (a reader may have seen them), and its bytes, whole or not, never got a 250.
@@ -697,114 +658,19 @@ class FileStore:
         finally:
             self._unlock()
 
-    def _recover_numbers_after_reboot(self, saved: State) -> None:
-        """The machine restarted since the state line was written."""
-        # Numbers given out since the line was written may be in records anywhere
-        # past it, or taken away by a consumer: only the reserve of the last fsync'd
-        # line bounds them. After a clean stop it is the exact last number.
-        assert self._instance is not None
-        saved.reserved = max(saved.reserved, self._instance.floor(self._boot))
-        if saved.reserved > saved.number:
-            log.warning(
-                "the machine restarted since %s was last made durable; numbers continue "
-                "after its reserve, %d",
-                self.state_path,
-                saved.reserved,
-            )
-            saved.number = saved.reserved
-
-    def _pending_verdict(self, st: os.stat_result, *, rebooted: bool) -> str:
-        """:func:`~selsmtp.durable.pending_verdict` on our state and descriptor."""
-        return pending_verdict(
-            self._state,
-            st,
-            rebooted,
-            lambda offset: os.pread(self._fd, HEAD_BYTES, offset),
-            self._number_pattern,
-        )
-
-    def _recover_without_state(self) -> None:
-        state = self._state
-        state.boot, state.format = self._boot, self.format
-        assert self._instance is not None
-        state.number = max(
-            self._scan_highest_number(),
-            rotation.last_rotated_number(self.path),
-            self._instance.floor(self._boot),  # an emptied mailbox holds no numbers
-        )
-        if state.number:
-            log.info("no state file; the last number of %s is %d", self.path, state.number)
-            head = os.pread(self._fd, formats.CHUNK, 0)
-            found = self._number_pattern.search(head)
-            state.first = int(found.group(1)) if found else -1
-        st = os.fstat(self._fd)
-        state.dev, state.ino, state.size = st.st_dev, st.st_ino, st.st_size
-        rotation.remove_leftovers(self.path, self._fd, state.first, state.number)
-        self._save_state(sync=True)
-
     def _repair_locked(self) -> None:
         """Cut away what an append cut short by a crash left (the lock is held)."""
-        saved = self._state
-        st = os.fstat(self._fd)
-        verdict = self._pending_verdict(st, rebooted=False)
-        if verdict in ("none", "not-ours"):
-            # The file was emptied or replaced since: nothing of ours is left in it,
-            # and whatever another program wrote there since is kept.
-            pass
-        elif st.st_size != self._torn_size:
-            # Another program appended after the torn tail while we waited for the
-            # lock. Cutting would destroy its records, so the tail stays, and says so.
-            log.error(
-                "kept a torn tail of %d bytes at offset %d of %s: another program "
-                "appended after it",
-                self._torn_size - saved.pending,
-                saved.pending,
-                self.path,
-            )
-        elif verdict == "appended":
-            # More than the batch could have written: another program appended after
-            # it while we were down. Only bytes provably ours are cut (SPEC §7), so the
-            # tail stays, and the next record begins after a blank line (_fixup).
-            log.error(
-                "kept a torn tail of at most %d bytes at offset %d of %s: another "
-                "program appended %d bytes or more after it",
-                saved.end - saved.pending,
-                saved.pending,
-                self.path,
-                st.st_size - saved.end,
-            )
-        else:
-            os.ftruncate(self._fd, saved.pending)
-            self._fsync(self._fd)
-            self._index.cut(saved.pending)
-            log.warning(
-                "removed a torn tail of %d bytes from %s (an append cut short by a crash)",
-                st.st_size - saved.pending,
-                self.path,
-            )
-        self._state.pending = self._state.end = -1
-        self._state.size = os.fstat(self._fd).st_size
+        recovery.repair_torn_tail(
+            self._fd,
+            self._state,
+            self._torn_size,
+            path=self.path,
+            number_pattern=self._number_pattern,
+            fsync=self._fsync,
+            cut_index=self._index.cut,
+        )
         self._save_state(sync=True)
         self._torn = False
-
-    def _scan_highest_number(self) -> int:
-        """The highest record number anywhere in the mailbox (0 if none).
-
-        Why the whole file and not just its tail: a body may quote a record head with
-        a lower number, and the last real head can be far back (a large last
-        message); taking the maximum never gives out a number twice. A quoted head
-        with a higher number only leaves a gap. This runs only when the state file is
-        lost, through the one descriptor we own, at about half a second per gigabyte.
-        """
-        size = os.fstat(self._fd).st_size
-        highest = 0
-        start = 0
-        while start < size:
-            chunk = os.pread(self._fd, min(formats.CHUNK + SCAN_OVERLAP, size - start), start)
-            for match in self._number_pattern.finditer(chunk):
-                highest = max(highest, int(match.group(1)))
-            start += formats.CHUNK
-        return highest
 
 
 def _cannot(what: str, path: str, exc: OSError) -> str:
