@@ -198,8 +198,8 @@ def repair_torn_tail(
     elif verdict == "appended":
         # More than the batch could have written: another program appended after
         # it while we were down. Only bytes provably ours are cut (SPEC §7), so the
-        # tail stays, and the next record begins after a blank line (the store's
-        # boundary fixup).
+        # tail stays, and the next record begins after a blank line
+        # (selsmtp.boundaries).
         log.error(
             "kept a torn tail of at most %d bytes at offset %d of %s: another "
             "program appended %d bytes or more after it",

@@ -81,17 +81,10 @@ missing) and recovered (:mod:`selsmtp.recovery`).
 
 Record boundaries
 -----------------
-Each record begins at a record boundary, whatever the file holds (SPEC §7): at its
-start, after a blank line, or where our own last record (per the index) ends. If
-another program left the file ending elsewhere (a record it died writing), its bytes
-are kept, and the batch is written after the fewest LFs (one or two) that put the
-first record after a blank line, with a warning naming the damaged region (from the
-end of the last whole record, as well as the index and the last record head tell, to
-the end of the file). Only the pending batch of the state file is ever cut, and the
-LFs are part of the batch: counted in its length and its commit, cut with it by a
-failure or by crash recovery, so a crash right after them cuts nothing of another
-program's. The end of the file is read (two bytes) only when it is not where our last
-commit left it: at the first append after a start, or after another program wrote.
+Each record begins at a record boundary, whatever the file holds (SPEC §7). If another
+program left the file ending elsewhere, its bytes are kept, and the batch begins with
+the one or two LFs that put its first record after a blank line
+(:mod:`selsmtp.boundaries`): counted in its length and its commit, and cut with it.
 
 The offsets index
 -----------------
@@ -123,6 +116,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from selsmtp import formats, instance, recovery, rotation
+from selsmtp.boundaries import DAMAGE_WINDOW as DAMAGE_WINDOW
+from selsmtp.boundaries import Boundaries
 from selsmtp.config import Config
 from selsmtp.durable import (
     MAX_IOV,
@@ -178,11 +173,6 @@ RESERVED_NUMBERS: Final = 1000
 #: before the commit marker is written); a larger batch becomes several commits
 PART_BYTES: Final = 16 << 20
 
-#: how far back from the end of the file a damaged region is looked for
-DAMAGE_WINDOW: Final = 1 << 16
-#: a record begins after a blank line, with its format's first line
-RECORD_STARTS: Final = {"cs4410": b"\n\nReceived: from ", "mbox": b"\n\nFrom "}
-
 #: ``render(number, deliver, now)`` yields the bytes of one record
 Renderer = Callable[[int, Deliver, float], Iterable[bytes]]
 
@@ -224,8 +214,7 @@ class FileStore:
         self.format = format
         self._fsync: Fsync = os.fsync if fsync else _no_fsync
         self._index = StoreIndex(self.path, format, number_pattern, self._fsync)
-        #: (dev, ino, length) of the file where our last commit ended it: a boundary
-        self._boundary = (-1, -1, -1)
+        self._boundaries = Boundaries(self.path, format, self._index)
         self._render = render
         self._rotate = rotate or 0
         self._number_pattern = number_pattern
@@ -374,7 +363,7 @@ class FileStore:
             or start < state.size
         )
         index = self._index.ready_for(self._fd, st, state.size)
-        fixup = self._fixup(st)
+        fixup = self._boundaries.fixup(self._fd, st, state)
         try:
             records, lengths = self._render_part(number + 1, part, now)
             length = len(fixup) + sum(lengths)
@@ -398,57 +387,8 @@ class FileStore:
         except OSError:
             self._roll_back(start, number, first)
             raise
-        self._boundary = (st.st_dev, st.st_ino, start + written)
+        self._boundaries.committed(st, start + written)
         return start
-
-    def _fixup(self, st: os.stat_result) -> bytes:
-        """The bytes to write before the next record so that it begins at a record
-        boundary in the file ``st`` (SPEC §7): none if the file is empty, ends with a
-        blank line or with the last record the index lists; else a LF or two, and a
-        warning saying where the damage is.
-
-        No system call when the file ends where our last commit left it."""
-        size = st.st_size
-        if size == 0 or self._boundary == (st.st_dev, st.st_ino, size):
-            return b""
-        # Our own last record (checked by ready_for) ends the file: it ends with no
-        # blank line when its body had no final LF, and is a boundary all the same.
-        if self._index.ends_file(st):
-            return b""
-        # A file of one LF (``echo > mailbox``) does not end with a blank line: a
-        # record after it would follow no "\n\n", and a parser would not find it.
-        tail = (b"\0\0" + os.pread(self._fd, 2, max(0, size - 2)))[-2:]
-        if tail == b"\n\n":
-            self._boundary = (st.st_dev, st.st_ino, size)
-            return b""
-        fixup = b"\n" if tail.endswith(b"\n") else b"\n\n"
-        offset, exact = self._damage_start(st)
-        log.warning(
-            "%s does not end where a record may begin: damaged region at offset %d, "
-            "length %d%s (a record another program left cut short?); kept as it is, "
-            "and %d byte(s) written so that the next record begins after a blank line",
-            self.path,
-            offset,
-            size - offset,
-            "" if exact else " at least",
-            len(fixup),
-        )
-        return fixup
-
-    def _damage_start(self, st: os.stat_result) -> tuple[int, bool]:
-        """Where the last whole record of the file ``st`` ends, as well as we can tell
-        (and whether that is exact): past the last record listed in the index, at the
-        start of the last record head that follows a blank line after it."""
-        known = self._index.listed_end(st)  # checked by ready_for: our last record is there
-        if known is None:
-            same = (st.st_dev, st.st_ino) == (self._state.dev, self._state.ino)
-            known = min(self._state.size, st.st_size) if same else 0
-        window = max(known, st.st_size - DAMAGE_WINDOW)
-        data = os.pread(self._fd, st.st_size - window, window)
-        found = data.rfind(RECORD_STARTS[self.format])
-        if found >= 0:
-            return window + found + 2, True
-        return window, window == known
 
     def _render_part(
         self, first: int, part: Sequence[Deliver], now: float
