@@ -2,15 +2,13 @@
 
 Theory of operation
 -------------------
-The mailbox file is opened once, as one raw descriptor, and kept open: POSIX record
-locks belong to the process and vanish when it closes *any* descriptor of the file, so
-nothing else in the process ever opens it (the start-up checks below read it once
-before that descriptor exists). It is opened with
-:func:`~selsmtp.durable.open_regular`: a FIFO, a symbolic link, a folder or a device
-at the path is never opened for writing nor followed; at start-up that is a
-:class:`StartupError`, while running a :class:`StoreError` (451) for the batch, and
-the next batch looks again. A batch of finished messages is stored by
-:meth:`FileStore.try_append`:
+The mailbox file is opened once, as one raw descriptor, and kept open
+(:mod:`selsmtp.mailboxfile`: POSIX record locks vanish when the process closes *any*
+descriptor of the file; the start-up checks below read it once before that
+descriptor exists). Something other than a regular file at the path is never opened
+for writing nor followed: at start-up that is a :class:`StartupError`, while running
+a :class:`StoreError` (451) for the batch, and the next batch looks again. A batch of
+finished messages is stored by :meth:`FileStore.try_append`:
 
 1. take the exclusive lock with ``lockf(LOCK_EX | LOCK_NB)``; if a reader holds it,
    return ``None`` at once (the loop never blocks; the caller tries again later);
@@ -107,7 +105,6 @@ reserved, as a rotated file's name already covers them.
 from __future__ import annotations
 
 import errno
-import fcntl
 import itertools
 import logging
 import os
@@ -132,13 +129,12 @@ from selsmtp.durable import (
     boot_id,
     check_format,
     fsync_directory,
-    open_regular,
     read_state,
-    same_file,
     save_numbers,
     write_all,
     write_pieces,
 )
+from selsmtp.mailboxfile import MailboxFile
 from selsmtp.recovery import SCAN_OVERLAP as SCAN_OVERLAP
 from selsmtp.session import Deliver
 from selsmtp.storeindex import StoreIndex
@@ -219,16 +215,13 @@ class FileStore:
         self._rotate = rotate or 0
         self._number_pattern = number_pattern
         self._clock = clock
-        self._fd = -1
-        self._retired: list[int] = []  # files rotated away in this batch (still locked)
-        self._rotated_to: dict[int, str] = {}  # where each of them was rotated to
+        self._file = MailboxFile(self.path)
         self._states: StateFile | None = None
         self._state = State()
         self._torn = False  # a crash left a batch unfinished; repair before appending
         self._torn_size = -1  # the mailbox's length when that was found
         self._boot = boot_id() if boot is None else boot
         self._ready = False  # recovered: the state in memory is the mailbox's
-        self._folder_synced = True  # False: the mailbox was created, its folder not fsync'd
         self._instance: instance.InstanceLock | None = None
         # Start-up checks first, and each refusal leaves every file as it was: the
         # guard reads only, then the lock, then the state line (read only), then the
@@ -247,16 +240,13 @@ class FileStore:
             self.close()
             raise StartupError(_cannot("open mailbox", self.path, exc)) from exc
         try:
-            # Once per start, the mailbox's entry in its folder is made durable, even
-            # if an earlier process created the file and died before doing so.
-            self._folder_synced = False
-            self._fd = self._open_mailbox()
+            self._file.open()
             self._states = StateFile(self.state_path, self._fsync)
         except OSError as exc:
             self.close()
             raise StartupError(_cannot("open mailbox", self.path, exc)) from exc
         try:
-            self._index.open(self._fd)
+            self._index.open(self._file.fd)
         except StartupError:
             self.close()
             raise
@@ -284,10 +274,7 @@ class FileStore:
             except OSError:
                 log.error("cannot update %s", self.state_path, exc_info=True)
         self._index.close()
-        for fd in [self._fd, *self._retired]:
-            if fd >= 0:
-                os.close(fd)
-        self._fd, self._retired = -1, []
+        self._file.close()
         if self._states is not None:
             self._states.close()
         if self._instance is not None:
@@ -314,10 +301,7 @@ class FileStore:
         try:
             return self._append_locked(batch, self._clock())
         finally:
-            self._unlock()
-            while self._retired:  # closing them drops their locks
-                os.close(self._retired.pop())
-            self._rotated_to.clear()
+            self._file.release()
 
     def _append_locked(self, batch: Sequence[Deliver], now: float) -> list[int]:
         try:
@@ -340,7 +324,7 @@ class FileStore:
                 if done:
                     self._take_back(done, before)
                 raise StoreError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
-            done.append((self._fd, start))
+            done.append((self._file.fd, start))
             numbers.extend(range(self._state.number - size + 1, self._state.number + 1))
             if self._rotation_due():
                 self._try_rotate()
@@ -350,7 +334,8 @@ class FileStore:
         """Append ``part`` to the current file as one commit; return where it started.
 
         Raises ``OSError``; the file and the numbers are then as they were."""
-        st = os.fstat(self._fd)
+        fd = self._file.fd
+        st = os.fstat(fd)
         start = st.st_size
         state = self._state
         number, first = state.number, state.first
@@ -362,8 +347,8 @@ class FileStore:
             or (st.st_dev, st.st_ino) != (state.dev, state.ino)
             or start < state.size
         )
-        index = self._index.ready_for(self._fd, st, state.size)
-        fixup = self._boundaries.fixup(self._fd, st, state)
+        index = self._index.ready_for(fd, st, state.size)
+        fixup = self._boundaries.fixup(fd, st, state)
         try:
             records, lengths = self._render_part(number + 1, part, now)
             length = len(fixup) + sum(lengths)
@@ -376,10 +361,10 @@ class FileStore:
                 state.first = number + 1
             self._save_state(sync=sync)
             pieces = itertools.chain([fixup], itertools.chain.from_iterable(records))
-            written = write_pieces(self._fd, pieces)
+            written = write_pieces(fd, pieces)
             if written != length:
                 raise OSError(errno.EIO, f"wrote {written} bytes of a {length}-byte batch")
-            self._fsync(self._fd)
+            self._fsync(fd)
             if index is not None:
                 self._index.list_records(index, start + len(fixup), lengths, number + 1, sync)
             state.size, state.pending, state.end = start + written, -1, -1
@@ -414,7 +399,7 @@ class FileStore:
     def _roll_back(self, start: int, number: int, first: int) -> None:
         """Cut the file back to ``start`` and the numbers back to ``number`` (or, if the
         cut fails, keep the numbers: :meth:`_cut_failed`)."""
-        if self._cut(self._fd, start):
+        if self._cut(self._file.fd, start):
             self._index.cut(start)
         state = self._state
         if not self._torn:
@@ -429,7 +414,7 @@ class FileStore:
         try:
             os.ftruncate(fd, start)
         except OSError:
-            if fd == self._fd:
+            if fd == self._file.fd:
                 self._cut_failed(start)
             else:
                 log.critical("cannot cut a failed batch out of %s", self.path, exc_info=True)
@@ -454,22 +439,23 @@ class FileStore:
         )
         state = self._state
         state.pending = start
-        state.end = self._torn_size = os.fstat(self._fd).st_size
+        state.end = self._torn_size = os.fstat(self._file.fd).st_size
         self._torn = True
 
     def _take_back(self, done: list[tuple[int, int]], before: State) -> None:
         """A later part of a split batch failed: cut back the parts already stored."""
         for fd, start in reversed(done):
-            if fd in self._rotated_to:  # its index went along: cut the part's entries
-                self._index.cut_rotated(self._rotated_to[fd], fd, start)
+            target = self._file.rotated_to(fd)
+            if target is not None:  # its index went along: cut the part's entries
+                self._index.cut_rotated(target, fd, start)
             self._cut(fd, start)
-        starts = [start for fd, start in done if fd == self._fd]
+        starts = [start for fd, start in done if fd == self._file.fd]
         if starts:
             self._index.cut(starts[0])
         state = self._state
         if self._torn:  # a part stays in the file for now: its numbers stay taken
             pass
-        elif done[0][0] == self._fd:  # no rotation in between: as before the batch
+        elif done[0][0] == self._file.fd:  # no rotation in between: as before the batch
             state.number, state.first, state.size = before.number, before.first, done[0][1]
         else:  # the numbers stay reserved; this file began in the batch and is empty
             state.first, state.size = -1, 0
@@ -502,13 +488,11 @@ class FileStore:
         state = self._state
         target = rotation.rotated_path(self.path, state.first, state.number)
         try:
-            fd = rotation.begin_next_file(self.path, self._fd, target)
+            self._file.rotate(target)
         except OSError as exc:
             log.error("cannot rotate %s to %s: %s; trying again later", self.path, target, exc)
             return
-        self._retired.append(self._fd)
-        self._rotated_to[self._fd] = target
-        self._fd = fd
+        fd = self._file.fd
         log.info("rotated %s to %s", self.path, target)
         self._index.rotated(target, fd, state.size)
         state.first, state.size, state.pending = -1, 0, -1
@@ -527,45 +511,15 @@ class FileStore:
     def _lock(self) -> bool:
         """Take the exclusive lock on the file now at the path, or return False."""
         while True:
-            if self._fd < 0:  # reopening failed last time (its folder was gone)
-                self._fd = self._open_mailbox()
-            try:
-                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    return False
-                raise
-            if same_file(self.path, self._fd):
+            if not self._file.try_lock():
+                return False
+            if self._file.at_path():
                 return True
             # A consumer renamed the mailbox away: follow the path, not the old file.
             log.info("mailbox %s was moved away; starting a new file", self.path)
-            self._index.follows_rename(self._fd)
-            os.close(self._fd)  # also drops the lock on the old file
-            self._fd = -1
+            self._index.follows_rename(self._file.fd)
+            self._file.let_go()  # also drops the lock on the old file
             self._state.first = -1  # none of our records are in the new file
-            self._fd = self._open_mailbox()
-
-    def _unlock(self) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_UN)
-
-    def _open_mailbox(self) -> int:
-        """Open the regular file at the path, creating it if there is none (and making
-        its folder durable). Raises ``OSError``: :class:`NotRegularFile` if something
-        else is there; nothing is then opened or changed."""
-        flags = os.O_RDWR | os.O_APPEND
-        try:
-            fd = open_regular(self.path, flags)
-        except FileNotFoundError:
-            fd = open_regular(self.path, flags | os.O_CREAT)
-            self._folder_synced = False
-        if not self._folder_synced:  # created now, or last time with a failed fsync
-            try:
-                fsync_directory(os.path.dirname(self.path))
-            except OSError:
-                os.close(fd)
-                raise
-            self._folder_synced = True
-        return fd
 
     # -- start-up ----------------------------------------------------------------
 
@@ -573,7 +527,7 @@ class FileStore:
         """Find the last number, and remove a torn tail left by a crash."""
         assert self._instance is not None
         self._state = recovery.recovered_state(
-            self._fd,
+            self._file.fd,
             saved,
             path=self.path,
             fmt=self.format,
@@ -587,7 +541,7 @@ class FileStore:
         # A batch was being written when the process died. Its numbers stay reserved
         # (a reader may have seen them), and its bytes, whole or not, never got a 250.
         self._torn = True
-        self._torn_size = os.fstat(self._fd).st_size
+        self._torn_size = os.fstat(self._file.fd).st_size
         if not self._lock():
             log.warning(
                 "mailbox %s is locked; its torn tail is removed at the next append", self.path
@@ -596,12 +550,12 @@ class FileStore:
         try:
             self._repair_locked()
         finally:
-            self._unlock()
+            self._file.unlock()
 
     def _repair_locked(self) -> None:
         """Cut away what an append cut short by a crash left (the lock is held)."""
         recovery.repair_torn_tail(
-            self._fd,
+            self._file.fd,
             self._state,
             self._torn_size,
             path=self.path,
