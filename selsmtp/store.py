@@ -110,7 +110,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from selsmtp import formats, instance, recovery, rotation
 from selsmtp.boundaries import DAMAGE_WINDOW as DAMAGE_WINDOW
@@ -136,6 +136,7 @@ from selsmtp.durable import (
 )
 from selsmtp.mailboxfile import MailboxFile
 from selsmtp.recovery import SCAN_OVERLAP as SCAN_OVERLAP
+from selsmtp.renderers import Renderer, cs4410_renderer, mbox_renderer, render_part
 from selsmtp.session import Deliver
 from selsmtp.storeindex import StoreIndex
 
@@ -168,9 +169,6 @@ RESERVED_NUMBERS: Final = 1000
 #: the most message data one commit renders in memory (its records are measured
 #: before the commit marker is written); a larger batch becomes several commits
 PART_BYTES: Final = 16 << 20
-
-#: ``render(number, deliver, now)`` yields the bytes of one record
-Renderer = Callable[[int, Deliver, float], Iterable[bytes]]
 
 
 def _no_fsync(fd: int) -> None:
@@ -350,7 +348,7 @@ class FileStore:
         index = self._index.ready_for(fd, st, state.size)
         fixup = self._boundaries.fixup(fd, st, state)
         try:
-            records, lengths = self._render_part(number + 1, part, now)
+            records, lengths = render_part(self._render, number + 1, part, now)
             length = len(fixup) + sum(lengths)
             # The commit marker: the batch starts at ``start`` and ends at ``end``,
             # and its numbers are taken. No fsync (see "The state file" above).
@@ -374,27 +372,6 @@ class FileStore:
             raise
         self._boundaries.committed(st, start + written)
         return start
-
-    def _render_part(
-        self, first: int, part: Sequence[Deliver], now: float
-    ) -> tuple[list[Iterable[bytes]], list[int]]:
-        """The records of ``part`` (numbered from ``first``) and their lengths.
-
-        A spooled message is rendered twice, once to measure it and once, lazily, to
-        write it, so that it never has to sit in memory whole."""
-        records: list[Iterable[bytes]] = []
-        lengths: list[int] = []
-        for number, deliver in enumerate(part, first):
-            body = deliver.body
-            if isinstance(body, bytes):
-                pieces = list(self._render(number, deliver, now))
-                lengths.append(sum(map(len, pieces)))
-                records.append(pieces)
-            else:
-                lengths.append(sum(map(len, self._render(number, deliver, now))))
-                body.seek(0)
-                records.append(self._render(number, deliver, now))
-        return records, lengths
 
     def _roll_back(self, start: int, number: int, first: int) -> None:
         """Cut the file back to ``start`` and the numbers back to ``number`` (or, if the
@@ -585,20 +562,6 @@ def _part_size(batch: Sequence[Deliver], first: int) -> int:
             break
         count += 1
     return count
-
-
-def cs4410_renderer(server_name: str) -> Renderer:
-    def render(number: int, deliver: Deliver, now: float) -> Iterator[bytes]:
-        return formats.cs4410_record(number, deliver.envelope, deliver.body, server_name)
-
-    return render
-
-
-def mbox_renderer(server_name: str) -> Renderer:
-    def render(number: int, deliver: Deliver, now: float) -> Iterator[bytes]:
-        return formats.mbox_record(number, deliver.envelope, deliver.body, server_name, now)
-
-    return render
 
 
 def open_store(config: Config) -> Store:
