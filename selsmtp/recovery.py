@@ -1,11 +1,20 @@
-"""Start-up recovery of a mailbox file: the last number, and a torn tail to cut.
+"""Start-up of a mailbox file: the checks, the last number, and a torn tail to cut.
 
-:class:`~selsmtp.store.FileStore` opens the mailbox, reads its state line, and asks
-:func:`recovered_state` for the state to go on with, which it then makes durable;
+:class:`~selsmtp.store.FileStore` runs :func:`checked_start`, opens the mailbox, and
+asks :func:`recovered_state` for the state to go on with, which it then makes durable;
 while that state names a batch as pending (a crash cut it short), the store takes the
 lock and calls :func:`repair_torn_tail`, at start-up or before its next append. The
 functions here read the file through the store's descriptor and never open it (the
 process's POSIX lock would go with the first close), and raise ``OSError``.
+
+The checks
+----------
+In this order, so that a refusal changes no file: the format guard reads the path
+(:func:`~selsmtp.durable.check_format`); the instance lock is taken
+(:mod:`selsmtp.instance`: one server per mailbox, and a second record of the numbers);
+the state line is read, a damaged one refused; the guard runs again with the format
+the line records. Only then are the mailbox and the state file opened (created if
+missing) and recovered.
 
 Without a state line
 --------------------
@@ -49,14 +58,23 @@ import os
 import re
 
 from selsmtp import formats, rotation
-from selsmtp.durable import HEAD_BYTES, STATE_SUFFIX, Fsync, State, pending_verdict
+from selsmtp.durable import (
+    HEAD_BYTES,
+    STATE_SUFFIX,
+    Fsync,
+    StartupError,
+    State,
+    check_format,
+    pending_verdict,
+    read_state,
+)
+from selsmtp.instance import LOCK_SUFFIX, InstanceLock
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Final
 
-    from selsmtp.instance import InstanceLock
 
 # Why the store's logger: these are the store's messages, and operators (and tests)
 # filter on one name for them; selsmtp.rotation does the same.
@@ -65,6 +83,25 @@ log = logging.getLogger("selsmtp.store")
 #: the start-up scan reads chunks that overlap by this much, so a record header
 #: cut by a chunk boundary is seen whole in one of them
 SCAN_OVERLAP: Final = 8192
+
+
+def checked_start(
+    path: str, fmt: str, *, fsync: Fsync, wait: float
+) -> tuple[InstanceLock, State | None]:
+    """The checks before the ``fmt`` mailbox at ``path`` is opened (see "The checks"):
+    return the instance lock, taken (waiting up to ``wait`` seconds for another
+    process's), and the state line saved (``None``: none). Raises
+    :class:`~selsmtp.durable.StartupError` or ``OSError``; no file has then changed,
+    and the lock is not held."""
+    check_format(path, fmt, None)
+    lock = InstanceLock(path + LOCK_SUFFIX, path, fsync=fsync, wait=wait)
+    try:
+        saved = read_state(path + STATE_SUFFIX)
+        check_format(path, fmt, saved)
+    except (StartupError, OSError):
+        lock.close()
+        raise
+    return lock, saved
 
 
 def recovered_state(

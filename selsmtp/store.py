@@ -70,12 +70,8 @@ us: the next batch sees the new length or the new file, and the numbers go on.
 
 Start-up
 --------
-In this order, so that a refusal changes no file: the format guard reads the path
-(:func:`~selsmtp.durable.check_format`); the instance lock is taken
-(:mod:`selsmtp.instance`: one server per mailbox, and a second record of the numbers);
-the state line is read, a damaged one refused; the guard runs again with the format
-the line records; only then are the mailbox and the state file opened (created if
-missing) and recovered (:mod:`selsmtp.recovery`).
+Every check that can refuse the mailbox runs before any file is created or changed;
+then the mailbox is opened and recovered (:mod:`selsmtp.recovery`).
 
 Record boundaries
 -----------------
@@ -127,9 +123,7 @@ from selsmtp.durable import (
     StateFile,
     StoreError,
     boot_id,
-    check_format,
     fsync_directory,
-    read_state,
     save_numbers,
     write_all,
     write_pieces,
@@ -221,16 +215,11 @@ class FileStore:
         self._boot = boot_id() if boot is None else boot
         self._ready = False  # recovered: the state in memory is the mailbox's
         self._instance: instance.InstanceLock | None = None
-        # Start-up checks first, and each refusal leaves every file as it was: the
-        # guard reads only, then the lock, then the state line (read only), then the
-        # guard again with what the line says, and only then anything is created.
+        # Start-up checks first, and each refusal leaves every file as it was.
         try:
-            check_format(self.path, format, None)
-            self._instance = instance.InstanceLock(
-                self.path + instance.LOCK_SUFFIX, self.path, fsync=self._fsync, wait=instance_wait
+            self._instance, saved = recovery.checked_start(
+                self.path, format, fsync=self._fsync, wait=instance_wait
             )
-            saved = read_state(self.state_path)
-            check_format(self.path, format, saved)
         except StartupError:
             self.close()
             raise
