@@ -2,15 +2,13 @@
 
 Theory of operation
 -------------------
-The mailbox file is opened once, as one raw descriptor, and kept open: POSIX record
-locks belong to the process and vanish when it closes *any* descriptor of the file, so
-nothing else in the process ever opens it (the start-up checks below read it once
-before that descriptor exists). It is opened with
-:func:`~selsmtp.durable.open_regular`: a FIFO, a symbolic link, a folder or a device
-at the path is never opened for writing nor followed; at start-up that is a
-:class:`StartupError`, while running a :class:`StoreError` (451) for the batch, and
-the next batch looks again. A batch of finished messages is stored by
-:meth:`FileStore.try_append`:
+The mailbox file is opened once, as one raw descriptor, and kept open
+(:mod:`selsmtp.mailboxfile`: POSIX record locks vanish when the process closes *any*
+descriptor of the file; the start-up checks below read it once before that
+descriptor exists). Something other than a regular file at the path is never opened
+for writing nor followed: at start-up that is a :class:`StartupError`, while running
+a :class:`StoreError` (451) for the batch, and the next batch looks again. A batch of
+finished messages is stored by :meth:`FileStore.try_append`:
 
 1. take the exclusive lock with ``lockf(LOCK_EX | LOCK_NB)``; if a reader holds it,
    return ``None`` at once (the loop never blocks; the caller tries again later);
@@ -59,20 +57,10 @@ the lock and are kept. This crash rule exists once, as
 :func:`~selsmtp.durable.pending_verdict`: the readers hide exactly the bytes it cuts.
 
 After a reboot (a power cut), the line may be any one written since its last fsync,
-older than the mailbox, whose acknowledged records were all fsync'd. Start-up knows
-this case by the boot named in the line, and reads the line as a lower bound:
-
-* a batch it names as pending stays if all of its bytes are in the file (its 250 may
-  have gone out); if not, it is cut only if a record head of ours still starts
-  there, since a consumer may have emptied the file and another program written
-  into it since;
-* numbers continue after the reserve of the last fsync'd line, because the records
-  of numbers given out since may have been taken away by a consumer. A line that is
-  fsync'd reserves the next :data:`RESERVED_NUMBERS` numbers, no number past the
-  reserve is given out before a line reserving it is fsync'd (a failed fsync
-  reserves nothing), and every start fsyncs the line it read, whose reserve may
-  have been in the page cache only. So an unclean reboot can leave a gap, never a
-  repeat; a clean stop records the exact number as the reserve, and leaves none.
+older than the mailbox, and start-up reads it as a lower bound: a line that is fsync'd
+reserves the next :data:`RESERVED_NUMBERS` numbers, and no number past the reserve is
+given out before a line reserving it is fsync'd. :mod:`selsmtp.recovery` says how a
+start settles the numbers and a pending batch after a crash or a reboot.
 
 The line is also fsync'd whenever the file is not the one it describes (a new file,
 or one emptied by a consumer), so that a pending batch it names is in this file.
@@ -82,45 +70,22 @@ us: the next batch sees the new length or the new file, and the numbers go on.
 
 Start-up
 --------
-In this order, so that a refusal changes no file: the format guard reads the path
-(:func:`~selsmtp.durable.check_format`); the instance lock is taken
-(:mod:`selsmtp.instance`: one server per mailbox, and a second record of the numbers);
-the state line is read, a damaged one refused; the guard runs again with the format
-the line records; only then are the mailbox and the state file opened (created if
-missing) and recovered. A state line older than the lock file's record (restored
-from a copy) is set aside as if missing: the mailbox is scanned, and numbers continue
-after the largest number either knows.
+Every check that can refuse the mailbox runs before any file is created or changed;
+then the mailbox is opened and recovered (:mod:`selsmtp.recovery`).
 
 Record boundaries
 -----------------
-Each record begins at a record boundary, whatever the file holds (SPEC §7): at its
-start, after a blank line, or where our own last record (per the index) ends. If
-another program left the file ending elsewhere (a record it died writing), its bytes
-are kept, and the batch is written after the fewest LFs (one or two) that put the
-first record after a blank line, with a warning naming the damaged region (from the
-end of the last whole record, as well as the index and the last record head tell, to
-the end of the file). Only the pending batch of the state file is ever cut, and the
-LFs are part of the batch: counted in its length and its commit, cut with it by a
-failure or by crash recovery, so a crash right after them cuts nothing of another
-program's. The end of the file is read (two bytes) only when it is not where our last
-commit left it: at the first append after a start, or after another program wrote.
+Each record begins at a record boundary, whatever the file holds (SPEC §7). If another
+program left the file ending elsewhere, its bytes are kept, and the batch begins with
+the one or two LFs that put its first record after a blank line
+(:mod:`selsmtp.boundaries`): counted in its length and its commit, and cut with it.
 
 The offsets index
 -----------------
-``PATH.selsmtp-index`` (:mod:`selsmtp.mailindex`) lists the offset, length and number
-of every record this store wrote into the file, so that readers find exactly those
-records even when a ``cs4410`` body holds look-alike record heads (SPEC §7). Its
-entries are appended after the batch's fsync and before its commit is recorded, so
-they never point at mail that is not on disk, and a batch that start-up or a failure
-cuts loses its entries too. The index follows the file: it begins again (a header
-naming the file, no entries) for a new file, one renamed away, one a consumer
-emptied or others rewrote (its last entry's record head is no longer there), and it
-is renamed along with a rotated file, or with a file a consumer renamed within the
-mailbox's folder (``mv mailbox taken``: ``taken.selsmtp-index``). Another program's
-records and the bytes the store writes to reach a record boundary are not listed.
-The index costs one ``write`` per batch and no fsync of its own (it is fsync'd with
-the state line); a failure to write it is logged and costs readers the index, never
-mail.
+``PATH.selsmtp-index`` lists the offset, length and number of every record this store
+wrote into the file, appended after the batch's fsync and before its commit is
+recorded (step 5), and cut with a batch that is cut; :mod:`selsmtp.storeindex` keeps
+it and says how it follows the file.
 
 Rotation
 --------
@@ -136,18 +101,18 @@ reserved, as a rotated file's name already covers them.
 from __future__ import annotations
 
 import errno
-import fcntl
 import itertools
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
-from selsmtp import formats, instance, mailindex, rotation
+from selsmtp import formats, instance, recovery, rotation
+from selsmtp.boundaries import DAMAGE_WINDOW as DAMAGE_WINDOW
+from selsmtp.boundaries import Boundaries
 from selsmtp.config import Config
 from selsmtp.durable import (
-    HEAD_BYTES,
     MAX_IOV,
     STATE_SUFFIX,
     WRITE_CHUNK,
@@ -158,17 +123,16 @@ from selsmtp.durable import (
     StateFile,
     StoreError,
     boot_id,
-    check_format,
     fsync_directory,
-    open_regular,
-    pending_verdict,
-    read_state,
-    same_file,
     save_numbers,
     write_all,
     write_pieces,
 )
+from selsmtp.mailboxfile import MailboxFile
+from selsmtp.recovery import SCAN_OVERLAP as SCAN_OVERLAP
+from selsmtp.renderers import Renderer, cs4410_renderer, mbox_renderer, render_part
 from selsmtp.session import Deliver
+from selsmtp.storeindex import StoreIndex
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
@@ -193,23 +157,12 @@ __all__ = [
 
 log = logging.getLogger("selsmtp.store")
 
-#: the start-up scan reads chunks that overlap by this much, so a record header
-#: cut by a chunk boundary is seen whole in one of them
-SCAN_OVERLAP: Final = 8192
 #: how far past the last number a durable state line reserves numbers; the line is
 #: fsync'd again only when they run out (about once per this many messages)
 RESERVED_NUMBERS: Final = 1000
 #: the most message data one commit renders in memory (its records are measured
 #: before the commit marker is written); a larger batch becomes several commits
 PART_BYTES: Final = 16 << 20
-
-#: how far back from the end of the file a damaged region is looked for
-DAMAGE_WINDOW: Final = 1 << 16
-#: a record begins after a blank line, with its format's first line
-RECORD_STARTS: Final = {"cs4410": b"\n\nReceived: from ", "mbox": b"\n\nFrom "}
-
-#: ``render(number, deliver, now)`` yields the bytes of one record
-Renderer = Callable[[int, Deliver, float], Iterable[bytes]]
 
 
 def _no_fsync(fd: int) -> None:
@@ -247,36 +200,26 @@ class FileStore:
         if format is None:  # the format the records of ``render`` are in
             format = "mbox" if number_pattern is formats.MBOX_NUMBER else "cs4410"
         self.format = format
-        self._index: mailindex.IndexWriter | None = None
-        self._index_broken = False  # the last index write failed (said once)
-        #: (dev, ino, length) of the file where our last commit ended it: a boundary
-        self._boundary = (-1, -1, -1)
+        self._fsync: Fsync = os.fsync if fsync else _no_fsync
+        self._index = StoreIndex(self.path, format, number_pattern, self._fsync)
+        self._boundaries = Boundaries(self.path, format, self._index)
         self._render = render
         self._rotate = rotate or 0
         self._number_pattern = number_pattern
         self._clock = clock
-        self._fsync: Fsync = os.fsync if fsync else _no_fsync
-        self._fd = -1
-        self._retired: list[int] = []  # files rotated away in this batch (still locked)
-        self._rotated_to: dict[int, str] = {}  # where each of them was rotated to
+        self._file = MailboxFile(self.path)
         self._states: StateFile | None = None
         self._state = State()
         self._torn = False  # a crash left a batch unfinished; repair before appending
         self._torn_size = -1  # the mailbox's length when that was found
         self._boot = boot_id() if boot is None else boot
         self._ready = False  # recovered: the state in memory is the mailbox's
-        self._folder_synced = True  # False: the mailbox was created, its folder not fsync'd
         self._instance: instance.InstanceLock | None = None
-        # Start-up checks first, and each refusal leaves every file as it was: the
-        # guard reads only, then the lock, then the state line (read only), then the
-        # guard again with what the line says, and only then anything is created.
+        # Start-up checks first, and each refusal leaves every file as it was.
         try:
-            check_format(self.path, format, None)
-            self._instance = instance.InstanceLock(
-                self.path + instance.LOCK_SUFFIX, self.path, fsync=self._fsync, wait=instance_wait
+            self._instance, saved = recovery.checked_start(
+                self.path, format, fsync=self._fsync, wait=instance_wait
             )
-            saved = read_state(self.state_path)
-            check_format(self.path, format, saved)
         except StartupError:
             self.close()
             raise
@@ -284,16 +227,13 @@ class FileStore:
             self.close()
             raise StartupError(_cannot("open mailbox", self.path, exc)) from exc
         try:
-            # Once per start, the mailbox's entry in its folder is made durable, even
-            # if an earlier process created the file and died before doing so.
-            self._folder_synced = False
-            self._fd = self._open_mailbox()
+            self._file.open()
             self._states = StateFile(self.state_path, self._fsync)
         except OSError as exc:
             self.close()
             raise StartupError(_cannot("open mailbox", self.path, exc)) from exc
         try:
-            self._open_index()
+            self._index.open(self._file.fd)
         except StartupError:
             self.close()
             raise
@@ -317,16 +257,11 @@ class FileStore:
             state.reserved = state.number
             try:
                 self._save_state(sync=True)  # the line, then the lock file's record
-                if self._index is not None:
-                    self._index.sync()
+                self._index.sync()
             except OSError:
                 log.error("cannot update %s", self.state_path, exc_info=True)
-        if self._index is not None:
-            self._index.close()
-        for fd in [self._fd, *self._retired]:
-            if fd >= 0:
-                os.close(fd)
-        self._fd, self._retired = -1, []
+        self._index.close()
+        self._file.close()
         if self._states is not None:
             self._states.close()
         if self._instance is not None:
@@ -353,10 +288,7 @@ class FileStore:
         try:
             return self._append_locked(batch, self._clock())
         finally:
-            self._unlock()
-            while self._retired:  # closing them drops their locks
-                os.close(self._retired.pop())
-            self._rotated_to.clear()
+            self._file.release()
 
     def _append_locked(self, batch: Sequence[Deliver], now: float) -> list[int]:
         try:
@@ -379,7 +311,7 @@ class FileStore:
                 if done:
                     self._take_back(done, before)
                 raise StoreError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
-            done.append((self._fd, start))
+            done.append((self._file.fd, start))
             numbers.extend(range(self._state.number - size + 1, self._state.number + 1))
             if self._rotation_due():
                 self._try_rotate()
@@ -389,7 +321,8 @@ class FileStore:
         """Append ``part`` to the current file as one commit; return where it started.
 
         Raises ``OSError``; the file and the numbers are then as they were."""
-        st = os.fstat(self._fd)
+        fd = self._file.fd
+        st = os.fstat(fd)
         start = st.st_size
         state = self._state
         number, first = state.number, state.first
@@ -401,10 +334,10 @@ class FileStore:
             or (st.st_dev, st.st_ino) != (state.dev, state.ino)
             or start < state.size
         )
-        index = self._index_for(st)
-        fixup = self._fixup(st)
+        index = self._index.ready_for(fd, st, state.size)
+        fixup = self._boundaries.fixup(fd, st, state)
         try:
-            records, lengths = self._render_part(number + 1, part, now)
+            records, lengths = render_part(self._render, number + 1, part, now)
             length = len(fixup) + sum(lengths)
             # The commit marker: the batch starts at ``start`` and ends at ``end``,
             # and its numbers are taken. No fsync (see "The state file" above).
@@ -415,99 +348,25 @@ class FileStore:
                 state.first = number + 1
             self._save_state(sync=sync)
             pieces = itertools.chain([fixup], itertools.chain.from_iterable(records))
-            written = write_pieces(self._fd, pieces)
+            written = write_pieces(fd, pieces)
             if written != length:
                 raise OSError(errno.EIO, f"wrote {written} bytes of a {length}-byte batch")
-            self._fsync(self._fd)
+            self._fsync(fd)
             if index is not None:
-                self._index_records(index, start + len(fixup), lengths, number + 1, sync=sync)
+                self._index.list_records(index, start + len(fixup), lengths, number + 1, sync)
             state.size, state.pending, state.end = start + written, -1, -1
             self._save_state(sync=False)
         except OSError:
             self._roll_back(start, number, first)
             raise
-        self._boundary = (st.st_dev, st.st_ino, start + written)
+        self._boundaries.committed(st, start + written)
         return start
-
-    def _fixup(self, st: os.stat_result) -> bytes:
-        """The bytes to write before the next record so that it begins at a record
-        boundary in the file ``st`` (SPEC §7): none if the file is empty, ends with a
-        blank line or with the last record the index lists; else a LF or two, and a
-        warning saying where the damage is.
-
-        No system call when the file ends where our last commit left it."""
-        size = st.st_size
-        if size == 0 or self._boundary == (st.st_dev, st.st_ino, size):
-            return b""
-        # Our own last record (checked by _index_for) ends the file: it ends with no
-        # blank line when its body had no final LF, and is a boundary all the same.
-        index = self._index
-        listed = index is not None and index.describes(st.st_dev, st.st_ino)
-        if listed and index is not None and index.last and index.end == size:
-            return b""
-        # A file of one LF (``echo > mailbox``) does not end with a blank line: a
-        # record after it would follow no "\n\n", and a parser would not find it.
-        tail = (b"\0\0" + os.pread(self._fd, 2, max(0, size - 2)))[-2:]
-        if tail == b"\n\n":
-            self._boundary = (st.st_dev, st.st_ino, size)
-            return b""
-        fixup = b"\n" if tail.endswith(b"\n") else b"\n\n"
-        offset, exact = self._damage_start(st)
-        log.warning(
-            "%s does not end where a record may begin: damaged region at offset %d, "
-            "length %d%s (a record another program left cut short?); kept as it is, "
-            "and %d byte(s) written so that the next record begins after a blank line",
-            self.path,
-            offset,
-            size - offset,
-            "" if exact else " at least",
-            len(fixup),
-        )
-        return fixup
-
-    def _damage_start(self, st: os.stat_result) -> tuple[int, bool]:
-        """Where the last whole record of the file ``st`` ends, as well as we can tell
-        (and whether that is exact): past the last record listed in the index, at the
-        start of the last record head that follows a blank line after it."""
-        index = self._index
-        known = 0
-        if index is not None and index.describes(st.st_dev, st.st_ino):
-            known = index.end  # checked by _index_for: our last record is there
-        elif (st.st_dev, st.st_ino) == (self._state.dev, self._state.ino):
-            known = min(self._state.size, st.st_size)
-        window = max(known, st.st_size - DAMAGE_WINDOW)
-        data = os.pread(self._fd, st.st_size - window, window)
-        found = data.rfind(RECORD_STARTS[self.format])
-        if found >= 0:
-            return window + found + 2, True
-        return window, window == known
-
-    def _render_part(
-        self, first: int, part: Sequence[Deliver], now: float
-    ) -> tuple[list[Iterable[bytes]], list[int]]:
-        """The records of ``part`` (numbered from ``first``) and their lengths.
-
-        A spooled message is rendered twice, once to measure it and once, lazily, to
-        write it, so that it never has to sit in memory whole."""
-        records: list[Iterable[bytes]] = []
-        lengths: list[int] = []
-        for number, deliver in enumerate(part, first):
-            body = deliver.body
-            if isinstance(body, bytes):
-                pieces = list(self._render(number, deliver, now))
-                lengths.append(sum(map(len, pieces)))
-                records.append(pieces)
-            else:
-                lengths.append(sum(map(len, self._render(number, deliver, now))))
-                body.seek(0)
-                records.append(self._render(number, deliver, now))
-        return records, lengths
 
     def _roll_back(self, start: int, number: int, first: int) -> None:
         """Cut the file back to ``start`` and the numbers back to ``number`` (or, if the
         cut fails, keep the numbers: :meth:`_cut_failed`)."""
-        if self._cut(self._fd, start):
-            self._cut_index(start)
+        if self._cut(self._file.fd, start):
+            self._index.cut(start)
         state = self._state
         if not self._torn:
             state.number, state.first, state.size, state.pending = number, first, start, -1
@@ -521,7 +380,7 @@ class FileStore:
         try:
             os.ftruncate(fd, start)
         except OSError:
-            if fd == self._fd:
+            if fd == self._file.fd:
                 self._cut_failed(start)
             else:
                 log.critical("cannot cut a failed batch out of %s", self.path, exc_info=True)
@@ -546,22 +405,23 @@ class FileStore:
         )
         state = self._state
         state.pending = start
-        state.end = self._torn_size = os.fstat(self._fd).st_size
+        state.end = self._torn_size = os.fstat(self._file.fd).st_size
         self._torn = True
 
     def _take_back(self, done: list[tuple[int, int]], before: State) -> None:
         """A later part of a split batch failed: cut back the parts already stored."""
         for fd, start in reversed(done):
-            if fd in self._rotated_to:  # its index went along: cut the part's entries
-                self._cut_rotated_index(self._rotated_to[fd], fd, start)
+            target = self._file.rotated_to(fd)
+            if target is not None:  # its index went along: cut the part's entries
+                self._index.cut_rotated(target, fd, start)
             self._cut(fd, start)
-        starts = [start for fd, start in done if fd == self._fd]
+        starts = [start for fd, start in done if fd == self._file.fd]
         if starts:
-            self._cut_index(starts[0])
+            self._index.cut(starts[0])
         state = self._state
         if self._torn:  # a part stays in the file for now: its numbers stay taken
             pass
-        elif done[0][0] == self._fd:  # no rotation in between: as before the batch
+        elif done[0][0] == self._file.fd:  # no rotation in between: as before the batch
             state.number, state.first, state.size = before.number, before.first, done[0][1]
         else:  # the numbers stay reserved; this file began in the batch and is empty
             state.first, state.size = -1, 0
@@ -582,104 +442,6 @@ class FileStore:
         except OSError:
             log.error("cannot update %s", self.state_path, exc_info=True)
 
-    # -- the offsets index (selsmtp.mailindex) -----------------------------------
-
-    def _open_index(self) -> None:
-        """Open the index and go on with it if it describes the mailbox file; else
-        begin it again. Without one (it cannot be opened), mail is stored all the
-        same, and readers parse the mailbox; but something other than a regular file
-        at its path is a :class:`StartupError` (SPEC §12)."""
-        try:
-            index = mailindex.IndexWriter(self.path, self._fsync)
-        except NotRegularFile as exc:
-            raise StartupError(_cannot("open offsets index", self.path, exc)) from exc
-        except OSError as exc:
-            self._index_failed(mailindex.index_path(self.path), exc)
-            return
-        try:
-            if index.adopt(self.format, os.fstat(self._fd)) and not self._holds_last(index):
-                index.reset(self.format, index.dev, index.ino)  # the file was rewritten
-        except OSError as exc:
-            index.close()
-            self._index_failed(index.path, exc)
-            return
-        self._index = index
-
-    def _holds_last(self, index: mailindex.IndexWriter) -> bool:
-        """True if the last record ``index`` lists still begins where it says."""
-        if not index.last:
-            return True
-        head = os.pread(self._fd, HEAD_BYTES, index.last_offset)
-        found = self._number_pattern.search(head)
-        return (
-            found is not None
-            and b"\n" not in head[: found.start()]
-            and int(found.group(1)) == index.last
-        )
-
-    def _index_for(self, st: os.stat_result) -> mailindex.IndexWriter | None:
-        """The index, ready to list records appended at the end of the file ``st``:
-        begun again if it describes another file (new, or renamed away) or one
-        emptied or rewritten since its last entry. ``None`` if it cannot be written.
-
-        No system call when the file is the one our last commit left (a pread when
-        another program appended since)."""
-        index = self._index
-        if index is None:
-            return None
-        try:
-            if (
-                not index.describes(st.st_dev, st.st_ino)
-                or st.st_size < index.end
-                or (st.st_size != self._state.size and not self._holds_last(index))
-            ):
-                index.reset(self.format, st.st_dev, st.st_ino)
-        except OSError as exc:
-            self._index_failed(index.path, exc)
-            return None
-        return index
-
-    def _index_records(
-        self, index: mailindex.IndexWriter, start: int, lengths: list[int], first: int, sync: bool
-    ) -> None:
-        """List the records just committed at ``start`` (their ``lengths``, numbered
-        from ``first``) in one write. A failure costs readers the index, never mail."""
-        entries = []
-        for number, length in enumerate(lengths, first):
-            entries.append(mailindex.IndexEntry(start, length, number))
-            start += length
-        try:
-            index.append(entries)
-            if sync:  # the state line was made durable for this commit: the index too
-                index.sync()
-            self._index_broken = False
-        except OSError as exc:
-            self._index_failed(index.path, exc)
-
-    def _cut_index(self, length: int) -> None:
-        """Records past ``length`` were cut from the current file: cut their entries."""
-        index = self._index
-        if index is None:
-            return
-        try:
-            index.truncate_to(length)
-        except OSError as exc:
-            self._index_failed(index.path, exc)
-
-    def _cut_rotated_index(self, target: str, fd: int, start: int) -> None:
-        """A part of a failed batch is about to be cut from ``start`` on out of the file
-        (``fd``) rotated to ``target``: cut its entries out of that file's index, so
-        that readers keep the index for the records before it."""
-        try:
-            mailindex.cut(target, os.fstat(fd), start)
-        except OSError as exc:
-            self._index_failed(mailindex.index_path(target), exc)
-
-    def _index_failed(self, path: str, exc: OSError) -> None:
-        if not self._index_broken:  # once until it works again
-            log.error("cannot write %s (%s); readers parse %s instead", path, exc, self.path)
-        self._index_broken = True
-
     # -- rotation ----------------------------------------------------------------
 
     def _rotation_due(self) -> bool:
@@ -692,20 +454,13 @@ class FileStore:
         state = self._state
         target = rotation.rotated_path(self.path, state.first, state.number)
         try:
-            fd = rotation.begin_next_file(self.path, self._fd, target)
+            self._file.rotate(target)
         except OSError as exc:
             log.error("cannot rotate %s to %s: %s; trying again later", self.path, target, exc)
             return
-        self._retired.append(self._fd)
-        self._rotated_to[self._fd] = target
-        self._fd = fd
+        fd = self._file.fd
         log.info("rotated %s to %s", self.path, target)
-        if self._index is not None:
-            try:
-                self._index.rename(target)
-            except OSError as exc:
-                log.error("cannot move the index of %s along to %s: %s", self.path, target, exc)
-            self._index_for(os.fstat(fd))
+        self._index.rotated(target, fd, state.size)
         state.first, state.size, state.pending = -1, 0, -1
         try:
             st = os.fstat(fd)
@@ -722,111 +477,37 @@ class FileStore:
     def _lock(self) -> bool:
         """Take the exclusive lock on the file now at the path, or return False."""
         while True:
-            if self._fd < 0:  # reopening failed last time (its folder was gone)
-                self._fd = self._open_mailbox()
-            try:
-                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    return False
-                raise
-            if same_file(self.path, self._fd):
+            if not self._file.try_lock():
+                return False
+            if self._file.at_path():
                 return True
             # A consumer renamed the mailbox away: follow the path, not the old file.
             log.info("mailbox %s was moved away; starting a new file", self.path)
-            self._index_follows_rename(self._fd)
-            os.close(self._fd)  # also drops the lock on the old file
-            self._fd = -1
+            self._index.follows_rename(self._file.fd)
+            self._file.let_go()  # also drops the lock on the old file
             self._state.first = -1  # none of our records are in the new file
-            self._fd = self._open_mailbox()
-
-    def _index_follows_rename(self, fd: int) -> None:
-        """A consumer renamed the file ``fd`` away. If its new name is in the mailbox's
-        folder (Linux names it in ``/proc/self/fd``), its index goes along, as at a
-        rotation, so readers of the new name still tell records from look-alikes;
-        else the index begins again for the next file, as it does anyway."""
-        index = self._index
-        if index is None:
-            return
-        try:
-            held = os.fstat(fd)
-            moved = os.readlink(f"/proc/self/fd/{fd}")
-            if (
-                not index.describes(held.st_dev, held.st_ino)
-                or os.path.dirname(moved) != os.path.dirname(self.path)
-                or not same_file(moved, fd)
-            ):
-                return
-            index.rename(moved)
-        except OSError as exc:
-            log.info("the index of %s stays where it is: %s", self.path, exc)
-
-    def _unlock(self) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_UN)
-
-    def _open_mailbox(self) -> int:
-        """Open the regular file at the path, creating it if there is none (and making
-        its folder durable). Raises ``OSError``: :class:`NotRegularFile` if something
-        else is there; nothing is then opened or changed."""
-        flags = os.O_RDWR | os.O_APPEND
-        try:
-            fd = open_regular(self.path, flags)
-        except FileNotFoundError:
-            fd = open_regular(self.path, flags | os.O_CREAT)
-            self._folder_synced = False
-        if not self._folder_synced:  # created now, or last time with a failed fsync
-            try:
-                fsync_directory(os.path.dirname(self.path))
-            except OSError:
-                os.close(fd)
-                raise
-            self._folder_synced = True
-        return fd
 
     # -- start-up ----------------------------------------------------------------
 
     def _recover(self, saved: State | None) -> None:
         """Find the last number, and remove a torn tail left by a crash."""
         assert self._instance is not None
-        if saved is not None and self._instance.is_older(saved, self._boot):
-            log.warning(
-                "%s is older than the numbers recorded in %s (restored from a copy?); "
-                "its commit marker is ignored, and numbers continue after %d",
-                self.state_path,
-                self._instance.path,
-                self._instance.floor(self._boot),
-            )
-            saved = None
-        if saved is None:
-            self._recover_without_state()
-            return
-        saved.format = self.format
-        self._state = saved
-        rotation.remove_leftovers(self.path, self._fd, saved.first, saved.number)
-        st = os.fstat(self._fd)
-        if (st.st_dev, st.st_ino) != (saved.dev, saved.ino):
-            saved.first = -1  # not the file the state knows: a new one
-        if not saved.boot or saved.boot != self._boot:
-            # The line may be older than the mailbox: any line written since its last
-            # fsync can be the one that survived. Settle the batch it names as pending
-            # (the crash rule, durable.pending_verdict), and the numbers.
-            verdict = self._pending_verdict(st, rebooted=True)
-            if verdict == "whole":  # its fsync may have finished and its 250 gone out
-                saved.size, saved.pending, saved.end = saved.end, -1, -1
-            elif verdict == "not-ours":  # emptied and written again since
-                saved.size, saved.pending, saved.end = st.st_size, -1, -1
-            self._recover_numbers_after_reboot(saved)
-        # Once per start, the line is made durable: it may exist only in the page cache
-        # (written by a process of this boot that died), and its reserve must survive
-        # a power cut before this process gives out any number it covers.
-        saved.boot = self._boot
+        self._state = recovery.recovered_state(
+            self._file.fd,
+            saved,
+            path=self.path,
+            fmt=self.format,
+            boot=self._boot,
+            instance=self._instance,
+            number_pattern=self._number_pattern,
+        )
         self._save_state(sync=True)
-        if saved.pending < 0:
+        if self._state.pending < 0:
             return
         # A batch was being written when the process died. Its numbers stay reserved
         # (a reader may have seen them), and its bytes, whole or not, never got a 250.
         self._torn = True
-        self._torn_size = os.fstat(self._fd).st_size
+        self._torn_size = os.fstat(self._file.fd).st_size
         if not self._lock():
             log.warning(
                 "mailbox %s is locked; its torn tail is removed at the next append", self.path
@@ -835,116 +516,21 @@ class FileStore:
         try:
             self._repair_locked()
         finally:
-            self._unlock()
-
-    def _recover_numbers_after_reboot(self, saved: State) -> None:
-        """The machine restarted since the state line was written."""
-        # Numbers given out since the line was written may be in records anywhere
-        # past it, or taken away by a consumer: only the reserve of the last fsync'd
-        # line bounds them. After a clean stop it is the exact last number.
-        assert self._instance is not None
-        saved.reserved = max(saved.reserved, self._instance.floor(self._boot))
-        if saved.reserved > saved.number:
-            log.warning(
-                "the machine restarted since %s was last made durable; numbers continue "
-                "after its reserve, %d",
-                self.state_path,
-                saved.reserved,
-            )
-            saved.number = saved.reserved
-
-    def _pending_verdict(self, st: os.stat_result, *, rebooted: bool) -> str:
-        """:func:`~selsmtp.durable.pending_verdict` on our state and descriptor."""
-        return pending_verdict(
-            self._state,
-            st,
-            rebooted,
-            lambda offset: os.pread(self._fd, HEAD_BYTES, offset),
-            self._number_pattern,
-        )
-
-    def _recover_without_state(self) -> None:
-        state = self._state
-        state.boot, state.format = self._boot, self.format
-        assert self._instance is not None
-        state.number = max(
-            self._scan_highest_number(),
-            rotation.last_rotated_number(self.path),
-            self._instance.floor(self._boot),  # an emptied mailbox holds no numbers
-        )
-        if state.number:
-            log.info("no state file; the last number of %s is %d", self.path, state.number)
-            head = os.pread(self._fd, formats.CHUNK, 0)
-            found = self._number_pattern.search(head)
-            state.first = int(found.group(1)) if found else -1
-        st = os.fstat(self._fd)
-        state.dev, state.ino, state.size = st.st_dev, st.st_ino, st.st_size
-        rotation.remove_leftovers(self.path, self._fd, state.first, state.number)
-        self._save_state(sync=True)
+            self._file.unlock()
 
     def _repair_locked(self) -> None:
         """Cut away what an append cut short by a crash left (the lock is held)."""
-        saved = self._state
-        st = os.fstat(self._fd)
-        verdict = self._pending_verdict(st, rebooted=False)
-        if verdict in ("none", "not-ours"):
-            # The file was emptied or replaced since: nothing of ours is left in it,
-            # and whatever another program wrote there since is kept.
-            pass
-        elif st.st_size != self._torn_size:
-            # Another program appended after the torn tail while we waited for the
-            # lock. Cutting would destroy its records, so the tail stays, and says so.
-            log.error(
-                "kept a torn tail of %d bytes at offset %d of %s: another program "
-                "appended after it",
-                self._torn_size - saved.pending,
-                saved.pending,
-                self.path,
-            )
-        elif verdict == "appended":
-            # More than the batch could have written: another program appended after
-            # it while we were down. Only bytes provably ours are cut (SPEC §7), so the
-            # tail stays, and the next record begins after a blank line (_fixup).
-            log.error(
-                "kept a torn tail of at most %d bytes at offset %d of %s: another "
-                "program appended %d bytes or more after it",
-                saved.end - saved.pending,
-                saved.pending,
-                self.path,
-                st.st_size - saved.end,
-            )
-        else:
-            os.ftruncate(self._fd, saved.pending)
-            self._fsync(self._fd)
-            self._cut_index(saved.pending)
-            log.warning(
-                "removed a torn tail of %d bytes from %s (an append cut short by a crash)",
-                st.st_size - saved.pending,
-                self.path,
-            )
-        self._state.pending = self._state.end = -1
-        self._state.size = os.fstat(self._fd).st_size
+        recovery.repair_torn_tail(
+            self._file.fd,
+            self._state,
+            self._torn_size,
+            path=self.path,
+            number_pattern=self._number_pattern,
+            fsync=self._fsync,
+            cut_index=self._index.cut,
+        )
         self._save_state(sync=True)
         self._torn = False
-
-    def _scan_highest_number(self) -> int:
-        """The highest record number anywhere in the mailbox (0 if none).
-
-        Why the whole file and not just its tail: a body may quote a record head with
-        a lower number, and the last real head can be far back (a large last
-        message); taking the maximum never gives out a number twice. A quoted head
-        with a higher number only leaves a gap. This runs only when the state file is
-        lost, through the one descriptor we own, at about half a second per gigabyte.
-        """
-        size = os.fstat(self._fd).st_size
-        highest = 0
-        start = 0
-        while start < size:
-            chunk = os.pread(self._fd, min(formats.CHUNK + SCAN_OVERLAP, size - start), start)
-            for match in self._number_pattern.finditer(chunk):
-                highest = max(highest, int(match.group(1)))
-            start += formats.CHUNK
-        return highest
 
 
 def _cannot(what: str, path: str, exc: OSError) -> str:
@@ -965,20 +551,6 @@ def _part_size(batch: Sequence[Deliver], first: int) -> int:
             break
         count += 1
     return count
-
-
-def cs4410_renderer(server_name: str) -> Renderer:
-    def render(number: int, deliver: Deliver, now: float) -> Iterator[bytes]:
-        return formats.cs4410_record(number, deliver.envelope, deliver.body, server_name)
-
-    return render
-
-
-def mbox_renderer(server_name: str) -> Renderer:
-    def render(number: int, deliver: Deliver, now: float) -> Iterator[bytes]:
-        return formats.mbox_record(number, deliver.envelope, deliver.body, server_name, now)
-
-    return render
 
 
 def open_store(config: Config) -> Store:

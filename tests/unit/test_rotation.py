@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from selsmtp import formats, mailindex, read_mailbox, rotation, store
+from selsmtp import formats, mailboxfile, mailindex, read_mailbox, rotation, store
 from selsmtp.config import Config
 from selsmtp.durable import State
 from selsmtp.session import Deliver
@@ -402,7 +402,8 @@ def _crash_at(step: str, path: str) -> None:
             real["link"](*args)
         os._exit(3)
 
-    if target == "fsync_directory":
+    if target == "fsync_directory":  # the start-up one is mailboxfile's, the rotation's store's
+        mailboxfile.fsync_directory = die  # type: ignore[assignment]
         store.fsync_directory = die  # type: ignore[assignment]
     else:
         setattr(os, target, die)

@@ -335,7 +335,7 @@ def test_the_index_that_cannot_be_written_costs_no_mail(
 ) -> None:
     mailbox_store = open_store()
     assert mailbox_store.try_append([deliver()]) == [1]
-    index = mailbox_store._index
+    index = mailbox_store._index.writer
     assert index is not None
     read_only = os.open(os.devnull, os.O_RDONLY)
     os.dup2(read_only, index.fd)  # every write to the index now fails (EBADF)
