@@ -11,7 +11,6 @@ the users file is read at start-up by :mod:`selsmtp.credfiles`.
 from __future__ import annotations
 
 import binascii
-import hmac
 
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
@@ -37,6 +36,10 @@ class Credentials:
         self._users = {name.encode(): password.encode() for name, password in users.items()}
 
     def check(self, user: str, password: str) -> bool:
+        # Why here: hmac loads OpenSSL's hashing (about 2 ms of every start-up), and
+        # only a server with --auth FILE ever compares a password.
+        import hmac
+
         expected = self._users.get(user.encode("utf-8", "surrogateescape"))
         given = password.encode("utf-8", "surrogateescape")
         # Why compare with a dummy for an unknown user: the answer takes as long. Why

@@ -10,6 +10,8 @@ from .conftest import REPO_ROOT
 
 #: slow to import, and not needed to serve the default (cs4410) format
 SLOW = {"dataclasses", "inspect", "typing", "shutil", "datetime", "tempfile", "selsmtp.maildir"}
+#: OpenSSL's modules: only a server with a certificate or --auth FILE needs them
+SLOW |= {"ssl", "_ssl", "hmac", "_hashlib"}
 
 #: what the command line does before it listens, then every module loaded by then
 PROBE = """
