@@ -140,17 +140,23 @@ class InstanceLock:
                 fsync_directory(os.path.dirname(path))
             self._take(mailbox, wait)
             self.record = self._read()
-            # Name the holder at once, for an instance that comes next; the numbers
-            # stay as they were until the store records its own.
-            known = self.record or Record()
-            data = Record(os.getpid(), known.number, known.reserved, known.boot).encode()
-            os.pwrite(self.fd, data, 0)
         except OSError as exc:
             self.close()
             raise StartupError(f"cannot use lock file {path}: {exc.strerror or exc}") from exc
         except BaseException:
             self.close()
             raise
+
+    def claim(self) -> None:
+        """Name this process as the holder, for an instance that comes next; the
+        numbers stay as they were until the store records its own. Called once the
+        start-up checks have passed, so that a refused start writes nothing."""
+        known = self.record or Record()
+        data = Record(os.getpid(), known.number, known.reserved, known.boot).encode()
+        try:
+            os.pwrite(self.fd, data, 0)
+        except OSError as exc:
+            raise StartupError(f"cannot use lock file {self.path}: {exc.strerror or exc}") from exc
 
     def _take(self, mailbox: str, wait: float) -> None:
         deadline = time.monotonic() + wait

@@ -158,6 +158,7 @@ class MaildirStore:
             )
             saved = read_state(self.state_path)
             check_format(self.path, "maildir", saved)
+            self._instance.claim()
             self._states = StateFile(self.state_path, self._fsync)
             flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
             self._new_fd = os.open(self._new, flags)

@@ -98,6 +98,7 @@ def checked_start(
     try:
         saved = read_state(path + STATE_SUFFIX)
         check_format(path, fmt, saved)
+        lock.claim()
     except (StartupError, OSError):
         lock.close()
         raise

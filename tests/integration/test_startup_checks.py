@@ -41,11 +41,10 @@ def make_mailbox(path: Path, fmt: str, count: int = 2) -> None:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` but lock files, and its bytes."""
+    """Every file under ``folder`` and its bytes (the lock file's pid line included:
+    a refused start must not even say it was there)."""
     return {
-        str(p.relative_to(folder)): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.name.endswith(".lock")
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
     }
 
 
