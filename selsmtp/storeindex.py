@@ -178,9 +178,12 @@ class StoreIndex:
         try:
             held = os.fstat(fd)
             moved = os.readlink(f"/proc/self/fd/{fd}")
+            # Why compare the folders' identities, not their names: the kernel gives
+            # the real path, which differs where the mailbox is reached by a symlink.
+            here, there = os.stat(os.path.dirname(self.path)), os.stat(os.path.dirname(moved))
             if (
                 not index.describes(held.st_dev, held.st_ino)
-                or os.path.dirname(moved) != os.path.dirname(self.path)
+                or (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino)
                 or not same_file(moved, fd)
             ):
                 return

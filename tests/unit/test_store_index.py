@@ -205,6 +205,24 @@ def test_a_file_renamed_in_its_folder_takes_its_index_along_and_the_new_file_get
     assert mailindex.load(str(taken), taken.stat()) == lay_out(record(1))
 
 
+def test_a_file_renamed_in_a_folder_reached_through_a_symlink_takes_its_index_along(
+    open_store: OpenStore, tmp_path: Path
+) -> None:
+    # ~/mail -> /data/mail: the kernel names the renamed file by its real folder.
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    mailbox_store = open_store(path=tmp_path / "link" / "mailbox")
+    mailbox_store.try_append([deliver()])
+    os.rename(real / "mailbox", real / "taken")
+
+    mailbox_store.try_append([deliver()])
+
+    assert index_of(real / "mailbox") == lay_out(record(2), first=2)
+    taken = real / "taken"
+    assert mailindex.load(str(taken), taken.stat()) == lay_out(record(1))
+
+
 def test_a_file_renamed_out_of_its_folder_keeps_no_index(
     open_store: OpenStore, mailbox: Path, tmp_path: Path
 ) -> None:
