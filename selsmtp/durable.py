@@ -39,7 +39,6 @@ TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
     from typing import Final, Protocol
 
-    from selsmtp.instance import InstanceLock
 
 #: writev takes at most IOV_MAX buffers; stay well below it.
 MAX_IOV: Final = 512
@@ -543,22 +542,3 @@ class StateFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def save_numbers(
-    states: StateFile, lock: InstanceLock, state: State, boot: str, reserve: int, *, sync: bool
-) -> None:
-    """Write ``state`` to its state file, then the lock file's record of the numbers
-    (the second record, :mod:`selsmtp.instance`). A durable line (``sync``) that gives
-    out numbers past its reserve reserves the next ``reserve`` too, so that they can
-    be given out with no fsync of the record until they run out; if either write
-    fails, nothing new is reserved."""
-    reserved = state.reserved
-    if sync and state.number > state.reserved:
-        state.reserved = state.number + reserve
-    try:
-        states.save(state, sync=sync)
-        lock.save(state.number, state.reserved, boot, sync=sync)
-    except OSError:
-        state.reserved = reserved  # not durable, so not reserved
-        raise

@@ -60,6 +60,7 @@ from selsmtp.durable import (
     NotRegularFile,
     StartupError,
     State,
+    StateFile,
     fsync_directory,
     is_blank,
     open_regular,
@@ -240,3 +241,21 @@ class InstanceLock:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def save_numbers(
+    states: StateFile, lock: InstanceLock, state: State, boot: str, reserve: int, *, sync: bool
+) -> None:
+    """Write ``state`` to its state file, then ``lock``'s record of the numbers (the
+    second record). A durable line (``sync``) that gives out numbers past its reserve
+    reserves the next ``reserve`` too, so that they can be given out with no fsync of
+    the record until they run out; if either write fails, nothing new is reserved."""
+    reserved = state.reserved
+    if sync and state.number > state.reserved:
+        state.reserved = state.number + reserve
+    try:
+        states.save(state, sync=sync)
+        lock.save(state.number, state.reserved, boot, sync=sync)
+    except OSError:
+        state.reserved = reserved  # not durable, so not reserved
+        raise

@@ -84,7 +84,6 @@ from selsmtp.durable import (
     maildir_names,
     open_regular,
     read_state,
-    save_numbers,
     write_pieces,
 )
 from selsmtp.session import Deliver
@@ -298,7 +297,7 @@ class MaildirStore:
         record is fsync'd once per that many numbers (the line itself is fsync'd with
         every batch)."""
         assert self._states is not None and self._instance is not None
-        save_numbers(
+        instance.save_numbers(
             self._states, self._instance, self._state, self._boot, RESERVED_NUMBERS, sync=sync
         )
 

@@ -124,7 +124,6 @@ from selsmtp.durable import (
     StoreError,
     boot_id,
     fsync_directory,
-    save_numbers,
     write_all,
     write_pieces,
 )
@@ -432,7 +431,7 @@ class FileStore:
         reservation reserves the next ones too: they can then be given out with no
         fsync of the line until they run out."""
         assert self._states is not None and self._instance is not None
-        save_numbers(
+        instance.save_numbers(
             self._states, self._instance, self._state, self._boot, RESERVED_NUMBERS, sync=sync
         )
 
