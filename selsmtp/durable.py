@@ -279,11 +279,13 @@ def file_format(fd: int) -> str:
     return ""
 
 
-def check_format(path: str, wanted: str, saved: State | None) -> None:
+def check_format(path: str, wanted: str, saved: State | None, *, by_content: bool = True) -> None:
     """The format guard (SPEC §7): raise :class:`StartupError` if the mailbox at
     ``path`` is in another format than ``wanted``, as its state line ``saved`` says
-    or, without one that knows, its first record (or, for a Maildir, the kind of
-    file there). Reads only; nothing is created or written."""
+    or, without one that knows this file (its device and inode), its first record
+    (or, for a Maildir, the kind of file there). ``by_content=False``: a mailbox
+    file's first record is not looked at (a state line not read yet may know the
+    file). Reads only; nothing is created or written."""
     found, why = "", ""
     if saved is not None and saved.format and saved.format != wanted:
         found, why = saved.format, "its state file says so"
@@ -292,6 +294,11 @@ def check_format(path: str, wanted: str, saved: State | None) -> None:
     except FileNotFoundError:
         st = None
     if found or st is None:
+        pass
+    elif saved is not None and saved.format and (st.st_dev, st.st_ino) == (saved.dev, saved.ino):
+        # The line knows this very file and says it is ``wanted``: what its first
+        # bytes look like now (another program wrote into it after a consumer emptied
+        # it) does not change that; the store keeps those bytes (SPEC §7).
         pass
     elif wanted == "maildir" and stat.S_ISREG(st.st_mode):
         found, why = "a file", ""
@@ -312,7 +319,7 @@ def check_format(path: str, wanted: str, saved: State | None) -> None:
                     f"mailbox {path} is not a mailbox but a file selsmtp keeps beside one "
                     "(a state line, an offsets index or a lock record); name the mailbox itself"
                 )
-            found = file_format(fd)
+            found = file_format(fd) if by_content else ""
         finally:
             os.close(fd)
         if found == wanted:

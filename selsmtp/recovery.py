@@ -14,7 +14,9 @@ In this order, so that a refusal changes no file: the format guard reads the pat
 (:mod:`selsmtp.instance`: one server per mailbox, and a second record of the numbers);
 the state line is read, a damaged one refused; the guard runs again with the format
 the line records. Only then are the mailbox and the state file opened (created if
-missing) and recovered.
+missing) and recovered. A line that knows the mailbox file (its device and inode)
+settles its format: the first record is looked at only without one, as another
+program may have written into a file a consumer emptied (SPEC §7 keeps those bytes).
 
 Without a state line
 --------------------
@@ -93,7 +95,9 @@ def checked_start(
     process's), and the state line saved (``None``: none). Raises
     :class:`~selsmtp.durable.StartupError` or ``OSError``; no file has then changed,
     and the lock is not held."""
-    check_format(path, fmt, None)
+    # A state line may know the file (a consumer emptied it, another program wrote
+    # into it since): its first record decides only once the line is read.
+    check_format(path, fmt, None, by_content=not os.path.lexists(path + STATE_SUFFIX))
     lock = InstanceLock(path + LOCK_SUFFIX, path, fsync=fsync, wait=wait)
     try:
         saved = read_state(path + STATE_SUFFIX)

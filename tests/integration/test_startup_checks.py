@@ -9,17 +9,18 @@ mailbox's and the state file's bytes stay as they were.
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 import zlib
 from pathlib import Path
 
 import pytest
 
-from selsmtp import formats
+from selsmtp import formats, reader
 from selsmtp.maildir import MaildirStore
 from selsmtp.session import Deliver, Envelope
 from selsmtp.store import FileStore, cs4410_renderer, mbox_renderer
-from tests.stores import NAME, deliver
+from tests.stores import NAME, deliver, record
 
 from .processes import run_selsmtp
 
@@ -198,3 +199,36 @@ def test_a_file_selsmtp_keeps_beside_a_mailbox_is_refused_as_a_mailbox(
 
     assert_one_line(result, str(side), "not a mailbox")
     assert side.read_bytes() == before
+
+
+FOREIGN_MBOX = b"From nobody Mon Jan  1 00:00:00 2001\nSubject: x\n\nhi\n"
+
+
+@pytest.mark.parametrize(
+    ("made", "foreign"), [("cs4410", FOREIGN_MBOX), ("mbox", record(1))], ids=["cs4410", "mbox"]
+)
+def test_an_emptied_mailbox_another_program_wrote_into_is_still_ours(
+    made: str, foreign: bytes, tmp_path: Path
+) -> None:
+    # A consumer emptied the mailbox (same file, the state line knows it and its
+    # format); another program then wrote a message of the other format into it. The
+    # state line tells the format (SPEC §7), so start-up goes on, keeps those bytes,
+    # and stores after them, as a running server does.
+    mailbox = tmp_path / "mailbox"
+    make_mailbox(mailbox, made, count=1)
+    with mailbox.open("r+b") as file:
+        fcntl.lockf(file, fcntl.LOCK_EX)
+        file.truncate(0)
+        file.write(foreign)
+
+    render = cs4410_renderer(NAME) if made == "cs4410" else mbox_renderer(NAME)
+    pattern = formats.MBOX_NUMBER if made == "mbox" else formats.CS4410_NUMBER
+    store = FileStore(str(mailbox), render, number_pattern=pattern)
+    try:
+        store.try_append([deliver(b"after\r\n")])
+    finally:
+        store.close()
+
+    assert mailbox.read_bytes().startswith(foreign)
+    box = reader.read_mailbox(mailbox, made)
+    assert [m.number for m in box.messages if m.number is not None] == [2]
