@@ -480,16 +480,22 @@ def pending_verdict(
     return "cut"
 
 
+#: how a record of ours begins: a cs4410 one, an mbox one (its separator line)
+_RECORD_STARTS: Final = (b"Received: from ", b"From ")
+
+
 def _record_head(head: bytes, last: int, number_pattern: re.Pattern[bytes]) -> bool:
     """True if ``head`` begins one of our records numbered at most ``last`` (after the
     one or two LFs the store may write before a record to reach a record boundary),
-    or a header cut short before its number or its end."""
+    or a header cut short before its number or its end that begins as ours do."""
     stripped = head.lstrip(b"\n")
     if len(head) - len(stripped) <= 2:
         head = stripped
     found = number_pattern.search(head)
     if found is None:
-        return b"\n\n" not in head
+        # Cut short before its number: it must still begin as our records do.
+        starts = any(head[: len(start)] == start[: len(head)] for start in _RECORD_STARTS)
+        return starts and b"\n\n" not in head
     return b"\n" not in head[: found.start()] and int(found.group(1)) <= last
 
 

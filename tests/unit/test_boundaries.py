@@ -429,3 +429,39 @@ def test_bytes_past_the_end_the_torn_batch_could_reach_are_never_cut(
 
     assert mailbox.read_bytes() == left + b"\n\n" + RECORD[fmt](3)
     assert any("kept a torn tail" in r.getMessage() for r in caplog.records)
+
+
+def _crash_before_the_batch(path: str, fmt: str) -> None:
+    """Child: store one message, then die with the next batch marked pending in the
+    state line and none of its bytes written."""
+    crashing = FileStore(path, **store_options(fmt))
+    crashing.try_append([deliver()])
+    _write_then_die(lambda data: 0)
+    crashing.try_append([deliver()])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bytes_appended_where_a_batch_left_nothing_are_not_taken_for_its_torn_tail(
+    open_store: OpenStore, mailbox: Path, fmt: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The crash came after the state line named the batch, before any of its bytes;
+    # another program then appended a few bytes that begin no record head of ours.
+    # They fit in the space the batch could have filled, but they are not ours.
+    child = multiprocessing.get_context("spawn").Process(
+        target=_crash_before_the_batch, args=(str(mailbox), fmt)
+    )
+    child.start()
+    child.join(WAIT)
+    assert child.exitcode == 3
+    assert mailbox.read_bytes() == RECORD[fmt](1)
+    append_foreign(mailbox, b"another program's line\n")
+    left = mailbox.read_bytes()
+
+    with caplog.at_level(logging.WARNING, logger="selsmtp.store"):
+        mailbox_store = open_store(fmt)
+        assert mailbox.read_bytes() == left  # nothing cut
+        numbers = mailbox_store.try_append([deliver()])
+
+    assert numbers is not None
+    assert mailbox.read_bytes() == left + b"\n" + RECORD[fmt](numbers[0])
+    assert not any("removed a torn tail" in r.getMessage() for r in caplog.records)
