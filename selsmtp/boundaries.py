@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import os
 
+from selsmtp import formats
+
 TYPE_CHECKING = False  # not typing's: see selsmtp/__init__.py
 if TYPE_CHECKING:
     from typing import Final
@@ -38,7 +40,7 @@ log = logging.getLogger("selsmtp.store")
 #: how far back from the end of the file a damaged region is looked for
 DAMAGE_WINDOW: Final = 1 << 16
 #: a record begins after a blank line, with its format's first line
-RECORD_STARTS: Final = {"cs4410": b"\n\nReceived: from ", "mbox": b"\n\nFrom "}
+RECORD_STARTS: Final = {name: b"\n\n" + start for name, start in formats.HEAD_STARTS.items()}
 
 
 class Boundaries:

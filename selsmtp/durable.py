@@ -480,10 +480,6 @@ def pending_verdict(
     return "cut"
 
 
-#: how a record of ours begins: a cs4410 one, an mbox one (its separator line)
-_RECORD_STARTS: Final = (b"Received: from ", b"From ")
-
-
 def _record_head(head: bytes, last: int, number_pattern: re.Pattern[bytes]) -> bool:
     """True if ``head`` begins one of our records numbered at most ``last`` (after the
     one or two LFs the store may write before a record to reach a record boundary),
@@ -494,7 +490,9 @@ def _record_head(head: bytes, last: int, number_pattern: re.Pattern[bytes]) -> b
     found = number_pattern.search(head)
     if found is None:
         # Cut short before its number: it must still begin as our records do.
-        starts = any(head[: len(start)] == start[: len(head)] for start in _RECORD_STARTS)
+        starts = any(
+            head[: len(start)] == start[: len(head)] for start in formats.HEAD_STARTS.values()
+        )
         return starts and b"\n\n" not in head
     return b"\n" not in head[: found.start()] and int(found.group(1)) <= last
 

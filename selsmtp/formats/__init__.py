@@ -28,6 +28,9 @@ trace_header = trace.header
 dates = trace.dates
 quote_from_lines = mbox.quote_from_lines
 
+#: How a record of each single-file format begins (its first line's first bytes).
+HEAD_STARTS = {"cs4410": cs4410.HEAD_START, "mbox": mbox.HEAD_START}
+
 #: The formats, as ``--format`` names them.
 FORMATS = ("cs4410", "mbox", "maildir")
 
@@ -36,6 +39,7 @@ __all__ = [
     "CS4410_NUMBER",
     "FORMATS",
     "FROM_LINE",
+    "HEAD_STARTS",
     "MAILDIR_NUMBER",
     "MBOX_NUMBER",
     "crlf_to_lf",

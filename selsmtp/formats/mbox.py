@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
     from selsmtp.session import Envelope
 
+#: How every message begins: its separator line.
+HEAD_START: Final = b"From "
 #: The start of every message: ``From `` at the start of the file or of a line.
 SEPARATOR: Final = re.compile(rb"(?m)^From ")
 #: A whole From_ line as selsmtp (and every mboxrd writer) writes it: sender, date.
