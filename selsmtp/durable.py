@@ -111,7 +111,7 @@ def describe(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path: str, flags: int, mode: int = 0o600) -> int:
+def open_regular(path: str, flags: int, mode: int = 0o600, *, dir_fd: int | None = None) -> int:
     """Open the regular file at ``path`` as a raw descriptor, safely; return it.
 
     The one way selsmtp opens its own files (mailbox, state and lock files, rotated
@@ -122,18 +122,19 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> int:
     across ``exec`` (``O_CLOEXEC``), and ``fstat`` on the open descriptor, not a second
     look at the path, decides that it is a regular file. A file it creates is ``mode``,
     by default readable and writable by its owner only, as mail should be (a Maildir's
-    folders are 0700). Raises
+    folders are 0700). ``dir_fd``: ``path`` is relative to that open folder (a folder
+    held open cannot be swapped for a link between a check and the open). Raises
     :class:`NotRegularFile` (naming the path and what is there) or any other
     ``OSError`` of ``open``.
     """
     try:
-        fd = os.open(path, flags | _SAFE_FLAGS, mode)
+        fd = os.open(path, flags | _SAFE_FLAGS, mode, dir_fd=dir_fd)
     except OSError as exc:
         # ELOOP: a symlink under O_NOFOLLOW; EISDIR: a folder opened for writing;
         # ENXIO: a FIFO with no reader opened write-only; EWOULDBLOCK: a lease.
         if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV, errno.EAGAIN):
             try:
-                st = os.lstat(path)
+                st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
             except OSError:
                 raise exc from None
             if not stat.S_ISREG(st.st_mode):

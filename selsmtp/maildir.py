@@ -147,6 +147,7 @@ class MaildirStore:
         self._state = State()
         self._states: StateFile | None = None
         self._new_fd = -1  # new/, kept open for its fsync
+        self._tmp_fd = -1  # tmp/, kept open: files are made in it by descriptor
         self._instance: instance.InstanceLock | None = None
         self._ready = False
         try:
@@ -161,6 +162,7 @@ class MaildirStore:
             self._states = StateFile(self.state_path, self._fsync)
             flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
             self._new_fd = os.open(self._new, flags)
+            self._tmp_fd = os.open(self._tmp, flags)
             self._recover(saved)
         except StartupError:
             self.close()
@@ -188,9 +190,10 @@ class MaildirStore:
                 self._save_state(sync=True)
             except OSError:
                 log.error("cannot update %s", self.state_path, exc_info=True)
-        if self._new_fd >= 0:
-            os.close(self._new_fd)
-            self._new_fd = -1
+        for fd in (self._new_fd, self._tmp_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._new_fd = self._tmp_fd = -1
         if self._states is not None:
             self._states.close()
         if self._instance is not None:
@@ -220,7 +223,7 @@ class MaildirStore:
                 made.append(self._unique_name(now))
                 self._write_file(made[-1], number, deliver, now)
             for name in made:  # into the new/ we hold and fsync, never through a link
-                os.rename(os.path.join(self._tmp, name), name, dst_dir_fd=self._new_fd)
+                os.rename(name, name, src_dir_fd=self._tmp_fd, dst_dir_fd=self._new_fd)
                 moved.append(name)
             self._fsync(self._new_fd)
             state.pending = -1
@@ -233,25 +236,31 @@ class MaildirStore:
     def _check_folders(self) -> None:
         """``tmp/`` and ``new/`` must still be real folders: a symbolic link put there
         while the server runs would send the mail where it points. A real ``new/`` that
-        replaced ours is opened again. Raises ``OSError`` (what is there, and where)."""
+        replaced ours (or a real ``tmp/``) is opened again: files are made, renamed and
+        removed through the folders held open, never through a path. Raises ``OSError``
+        (what is there, and where)."""
         for folder in (self._tmp, self._new):
             st = os.lstat(folder)
             if not stat.S_ISDIR(st.st_mode):
                 what = f"{describe(st.st_mode)}, not a folder"
                 raise NotADirectoryError(errno.ENOTDIR, what, folder)
-        held = os.fstat(self._new_fd)
-        if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino):
-            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(self._new, flags)
-            os.close(self._new_fd)
-            self._new_fd = fd
+            held = os.fstat(self._tmp_fd if folder == self._tmp else self._new_fd)
+            if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino):
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(folder, flags)
+                if folder == self._tmp:
+                    os.close(self._tmp_fd)
+                    self._tmp_fd = fd
+                else:
+                    os.close(self._new_fd)
+                    self._new_fd = fd
 
     def _unique_name(self, now: float) -> str:
         micro = int(now * 1_000_000) % 1_000_000
         return f"{int(now)}.M{micro:06d}P{self._pid}Q{next(_deliveries)}.{self._host}"
 
     def _write_file(self, name: str, number: int, deliver: Deliver, now: float) -> None:
-        fd = open_regular(os.path.join(self._tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        fd = open_regular(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, dir_fd=self._tmp_fd)
         try:
             envelope, body = deliver.envelope, deliver.body
             write_pieces(
@@ -269,10 +278,8 @@ class MaildirStore:
         for folder, names in ((self._new, moved), (self._tmp, made[len(moved) :])):
             for name in names:
                 try:
-                    if folder == self._new:  # the new/ they were renamed into
-                        os.unlink(name, dir_fd=self._new_fd)
-                    else:
-                        os.unlink(os.path.join(folder, name))
+                    # the new/ they were renamed into, the tmp/ they were made in
+                    os.unlink(name, dir_fd=self._new_fd if folder == self._new else self._tmp_fd)
                 except FileNotFoundError:
                     seen = seen or folder == self._new
                 except OSError:

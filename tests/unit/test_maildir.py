@@ -496,3 +496,30 @@ def test_a_folder_replaced_by_a_symlink_while_running_gets_no_mail(
     (folder / f"{sub}.real").rename(folder / sub)
     assert store.try_append([deliver(b"stored again\r\n")]) == [2]
     assert sorted(read_back(folder)) == [1, 2]
+
+
+def test_a_tmp_swapped_for_a_link_after_the_batch_checked_it_is_not_written_through(
+    open_store: OpenStore, folder: Path, tmp_path: Path
+) -> None:
+    # The race the check above cannot close: tmp/ becomes a link between the check and
+    # the file's creation. Files are made in the tmp/ held open, so the link's target
+    # is never written to (its mtime would change if a file were made and renamed out).
+    store = open_store()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    before = elsewhere.stat().st_mtime_ns
+    name_one = store._unique_name
+
+    def swap_then_name(now: float) -> str:  # called after the check, before the open
+        if not (folder / "tmp").is_symlink():
+            (folder / "tmp").rename(folder / "tmp.real")
+            (folder / "tmp").symlink_to(elsewhere)
+        return name_one(now)
+
+    store._unique_name = swap_then_name  # type: ignore[method-assign]
+
+    assert store.try_append([deliver(b"raced\r\n")]) == [1]
+
+    assert os.listdir(elsewhere) == []
+    assert elsewhere.stat().st_mtime_ns == before
+    assert sorted(read_back(folder)) == [1]
