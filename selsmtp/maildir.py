@@ -43,8 +43,9 @@ symbolic link, never blocking, a regular file by ``fstat``), and ``tmp/``, ``new
 and ``cur/`` must be real folders, not links: otherwise start-up refuses, naming the
 path and what is there. Each batch looks at ``tmp/`` and ``new/`` again (``lstat``):
 a link put there while the server runs gets the batch a :class:`StoreError` (451),
-never the mail, and files are renamed into the ``new/`` held open (the one fsync'd),
-by its descriptor.
+never the mail; files are made in the ``tmp/`` held open and renamed into the
+``new/`` held open (the one fsync'd), by their descriptors, so a link put there
+between that look and the write is never written through either.
 
 After a crash, files in ``tmp/`` with selsmtp's names for this host were never
 acknowledged: they are removed at start-up and logged. Files of the cut-short batch
